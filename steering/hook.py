@@ -1,0 +1,86 @@
+"""The steering op at one SAE's hook point, fed by persistent tables.
+
+Routing is tensor content, never Python: `slot_of_token[t]` names the table row that
+token t reads (row 0 is all zeros: no steering), and row r holds up to K features of
+one request. Nothing here branches on data, allocates per step or leaves the device,
+so torch.compile traces it once and a CUDA graph can replay it while the runner
+rewrites the tables in place between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from features.sae import SAE, input_scale
+
+
+class SAESteering(nn.Module):
+    """Adds sum_k (c0 + c1 * f_k(x)) * d_k to each token's residual x, per its request's row."""
+
+    def __init__(self, sae: SAE, slot_of_token: torch.Tensor, rows: int, width: int, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = sae.cfg
+        d_in, device = sae.cfg.d_in, slot_of_token.device
+        self.slot_of_token = slot_of_token  # shared by every SAE; updated in place per step
+
+        def table(*shape: int) -> torch.Tensor:
+            return torch.zeros(rows, width, *shape, dtype=torch.float32, device=device)
+
+        self.register_buffer("enc", table(d_in), persistent=False)  # W_enc[:, i]
+        self.register_buffer("enc_bias", table(), persistent=False)  # b_enc[i]
+        self.register_buffer("threshold", table(), persistent=False)  # JumpReLU threshold[i]
+        self.register_buffer("dec", table(d_in), persistent=False)  # W_dec[i]
+        self.register_buffer("c0", table(), persistent=False)
+        self.register_buffer("c1", table(), persistent=False)
+        self.register_buffer("b_dec", sae.b_dec.to(device), persistent=False)
+        if sae.cfg.architecture == "topk":
+            # f_i of a TopK SAE depends on every pre-activation, so the full encoder is needed.
+            self.register_buffer("W_enc", sae.W_enc.to(device), persistent=False)
+            self.register_buffer("b_enc", sae.b_enc.to(device), persistent=False)
+        self.sae = sae
+        self.model_dtype = dtype
+
+    @torch.no_grad()
+    def set_row(self, row: int, features: list[tuple[int, float, float]]) -> None:
+        """Write one request's features (index, c0, c1) into table row `row`."""
+        width = self.c0.shape[1]
+        assert len(features) <= width, "the server caps features per SAE at the table width"
+        for name in ("enc", "enc_bias", "threshold", "dec", "c0", "c1"):
+            getattr(self, name)[row].zero_()
+        if not features:
+            return
+        idx = torch.tensor([i for i, _, _ in features], dtype=torch.long)
+        n, sae, device = len(features), self.sae, self.enc.device
+        self.enc[row, :n] = sae.W_enc[:, idx].T.to(device)
+        self.enc_bias[row, :n] = sae.b_enc[idx].to(device)
+        if sae.threshold is not None:
+            self.threshold[row, :n] = sae.threshold[idx].to(device)
+        self.dec[row, :n] = sae.W_dec[idx].to(device)
+        self.c0[row, :n] = torch.tensor([c0 for _, c0, _ in features], device=device)
+        self.c1[row, :n] = torch.tensor([c1 for _, _, c1 in features], device=device)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The steering delta [T, d_in] for residual vectors x [T, d_in]."""
+        slots = self.slot_of_token[: x.shape[0]]
+        x = x.float()
+        scale = input_scale(x, self.cfg)
+        xin = x * scale
+        if self.cfg.apply_b_dec_to_input:
+            xin = xin - self.b_dec
+        pre = torch.einsum("td,tkd->tk", xin, self.enc[slots]) + self.enc_bias[slots]
+        if self.cfg.architecture == "jumprelu":
+            f = pre * (pre > self.threshold[slots])
+        elif self.cfg.architecture == "topk":
+            kth = torch.topk(xin @ self.W_enc + self.b_enc, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
+            f = torch.relu(pre) * (pre >= kth)
+        else:
+            f = torch.relu(pre)
+        coef = self.c0[slots] + self.c1[slots] * f
+        # The reconstruction lives in the SAE's normalised space; map the delta back.
+        return torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steer a decoder layer's output in vLLM's fused-residual layout (stream = hidden + residual)."""
+        delta = self.delta(hidden + residual)
+        return hidden + delta.to(hidden.dtype), residual

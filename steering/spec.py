@@ -1,0 +1,154 @@
+"""The `steering` request field: its schema, and its resolution into per-feature coefficients.
+
+Every mode is one formula, x + (c0 + c1 * f_i(x)) * d_i, with f_i the SAE's activation of
+feature i and d_i its decoder row:
+
+    add     c0 = s, c1 = 0       x + s*d_i
+    clamp   c0 = s, c1 = -1      x + (s - f_i(x))*d_i
+    ablate  c0 = 0, c1 = -1      x - f_i(x)*d_i
+    scale   c0 = 0, c1 = s - 1   x + (s-1)*f_i(x)*d_i
+
+so the worker needs only (sae, index, c0, c1) per feature; units and the request-level
+`scale` are folded into s here, on the server, where the SAE statistics live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.sae import SAE
+
+Mode = Literal["add", "clamp", "ablate", "scale"]
+Unit = Literal["raw", "max_act", "norm"]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+
+
+class FeatureIntervention(BaseModel):
+    """One feature to steer, in the form requests and preset files both use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str = Field(description="id of a server-loaded SAE (see GET /v1/saes)")
+    index: Annotated[int, Field(ge=0, strict=True)] = Field(description="feature index in the SAE")
+    mode: Mode = "add"
+    strength: FiniteFloat = 0.0
+    unit: Unit = "raw"
+
+
+class SteeringSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[FeatureIntervention] = Field(default_factory=list)
+    scale: FiniteFloat = Field(default=1.0, description="multiplies every strength")
+
+
+@dataclass(frozen=True)
+class SteeringLimits:
+    max_features: int = 64
+    max_features_per_sae: int = 64
+    max_strength: float = 1000.0
+
+
+class SteeringError(ValueError):
+    """A steering spec the server cannot apply; `param` is the offending field's path."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ResolvedFeature:
+    sae: str
+    index: int
+    mode: Mode
+    strength: float  # in the SAE's raw activation units (norm: along the raw decoder row)
+    c0: float
+    c1: float
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    features: tuple[ResolvedFeature, ...]
+
+    def wire(self) -> str:
+        """Compact form carried to the worker in SamplingParams.extra_args."""
+        return json.dumps([[f.sae, f.index, f.c0, f.c1] for f in self.features], separators=(",", ":"))
+
+    def digest(self) -> str:
+        """Identifies the steering exactly; salts the prefix cache so steered KV is never shared."""
+        return hashlib.sha256(self.wire().encode()).hexdigest()[:32]
+
+    def echo(self) -> dict:
+        """What the response reports back: the interventions as applied, in raw units."""
+        return {
+            "hash": self.digest(),
+            "features": [
+                {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw"}
+                for f in self.features
+            ],
+        }
+
+
+def parse_wire(wire: str) -> list[tuple[str, int, float, float]]:
+    return [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in json.loads(wire)]
+
+
+def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits) -> ResolvedSteering | None:
+    """Check a spec against the loaded SAEs and limits; None when it steers nothing."""
+    if not spec.features:
+        return None
+    if len(spec.features) > limits.max_features:
+        raise SteeringError(
+            "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
+        )
+    per_sae: dict[str, int] = {}
+    resolved = []
+    for n, feature in enumerate(spec.features):
+        where = f"steering.features[{n}]"
+        sae = saes.get(feature.sae)
+        if sae is None:
+            raise SteeringError(f"{where}.sae", f"unknown SAE {feature.sae!r}; loaded SAEs: {sorted(saes)}")
+        if feature.index >= sae.cfg.d_sae:
+            raise SteeringError(
+                f"{where}.index", f"index {feature.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}"
+            )
+        if abs(feature.strength) > limits.max_strength:
+            raise SteeringError(f"{where}.strength", f"|strength| must be at most {limits.max_strength}")
+        per_sae[sae.id] = per_sae.get(sae.id, 0) + 1
+        if per_sae[sae.id] > limits.max_features_per_sae:
+            raise SteeringError(
+                "steering.features", f"at most {limits.max_features_per_sae} interventions per SAE per request"
+            )
+        resolved.append(_resolve_one(feature, sae, spec.scale, where))
+    return ResolvedSteering(tuple(resolved))
+
+
+def _resolve_one(feature: FeatureIntervention, sae: SAE, scale: float, where: str) -> ResolvedFeature:
+    s = feature.strength * scale
+    if feature.unit == "max_act":
+        if sae.max_act is None:
+            raise SteeringError(
+                f"{where}.unit", f"SAE {sae.id!r} has no feature statistics, so unit 'max_act' is unavailable; use 'raw'"
+            )
+        s *= float(sae.max_act[feature.index])
+    elif feature.unit == "norm":
+        if feature.mode != "add":
+            raise SteeringError(f"{where}.unit", "unit 'norm' applies to mode 'add' only; use 'raw' or 'max_act'")
+        s /= float(sae.W_dec[feature.index].norm())
+    if not math.isfinite(s):
+        raise SteeringError(f"{where}.strength", "strength overflows once its unit and scale are applied")
+    c0, c1 = {
+        "add": (s, 0.0),
+        "clamp": (s, -1.0),
+        "ablate": (0.0, -1.0),
+        "scale": (0.0, s - 1.0),
+    }[feature.mode]
+    return ResolvedFeature(sae=sae.id, index=feature.index, mode=feature.mode, strength=s, c0=c0, c1=c1)

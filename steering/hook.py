@@ -33,6 +33,7 @@ class SAESteering(nn.Module):
         self.register_buffer("dec", table(d_in), persistent=False)  # W_dec[i]
         self.register_buffer("c0", table(), persistent=False)
         self.register_buffer("c1", table(), persistent=False)
+        self.register_buffer("feature", torch.zeros(rows, width, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("b_dec", sae.b_dec.to(device), persistent=False)
         if sae.cfg.architecture == "topk":
             # f_i of a TopK SAE depends on every pre-activation, so the full encoder is needed.
@@ -46,12 +47,13 @@ class SAESteering(nn.Module):
         """Write one request's features (index, c0, c1) into table row `row`."""
         width = self.c0.shape[1]
         assert len(features) <= width, "the server caps features per SAE at the table width"
-        for name in ("enc", "enc_bias", "threshold", "dec", "c0", "c1"):
+        for name in ("enc", "enc_bias", "threshold", "dec", "c0", "c1", "feature"):
             getattr(self, name)[row].zero_()
         if not features:
             return
         idx = torch.tensor([i for i, _, _ in features], dtype=torch.long)
         n, sae, device = len(features), self.sae, self.enc.device
+        self.feature[row, :n] = idx.to(device)
         self.enc[row, :n] = sae.W_enc[:, idx].T.to(device)
         self.enc_bias[row, :n] = sae.b_enc[idx].to(device)
         if sae.threshold is not None:
@@ -68,14 +70,15 @@ class SAESteering(nn.Module):
         xin = x * scale
         if self.cfg.apply_b_dec_to_input:
             xin = xin - self.b_dec
-        pre = torch.einsum("td,tkd->tk", xin, self.enc[slots]) + self.enc_bias[slots]
-        if self.cfg.architecture == "jumprelu":
-            f = pre * (pre > self.threshold[slots])
-        elif self.cfg.architecture == "topk":
-            kth = torch.topk(xin @ self.W_enc + self.b_enc, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
+        if self.cfg.architecture == "topk":
+            # Membership in the top k is decided on the very numbers it is measured against.
+            full = xin @ self.W_enc + self.b_enc
+            kth = torch.topk(full, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
+            pre = full.gather(1, self.feature[slots])
             f = torch.relu(pre) * (pre >= kth)
         else:
-            f = torch.relu(pre)
+            pre = torch.einsum("td,tkd->tk", xin, self.enc[slots]) + self.enc_bias[slots]
+            f = pre * (pre > self.threshold[slots]) if self.cfg.architecture == "jumprelu" else torch.relu(pre)
         coef = self.c0[slots] + self.c1[slots] * f
         # The reconstruction lives in the SAE's normalised space; map the delta back.
         return torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale

@@ -1,0 +1,149 @@
+"""One real steerserve (real vLLM engine, real default model) shared by the whole test session.
+
+The server runs in its default compiled mode, from a compile cache that an earlier start of
+the same server warmed: a stale graph compiled without the hooks would show up as unsteered
+output in the reference tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from features.sae import SAE, load_sae
+from server.default_model import ensure_default_model
+from tests.saes import build_sae, residuals
+
+# id -> (layer, architecture, input normalisation, has statistics)
+TEST_SAES = {
+    "jr": (15, "jumprelu", "none", True),
+    "topk": (20, "topk", "none", True),
+    "relu": (8, "standard", "constant_norm_rescale", False),
+}
+MAX_STEERED = 16
+PREFILL_CHUNK = 256  # small token budget per step, so long prompts are prefilled in several chunks
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def sae_dirs(tmp_path_factory, hf_model, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("saes")
+    dirs = {}
+    for sae_id, (layer, arch, norm, stats) in TEST_SAES.items():
+        x = residuals(hf_model, tokenizer, layer)
+        dirs[sae_id] = build_sae(root / sae_id, x, layer, arch, normalize=norm, statistics=stats)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def saes(sae_dirs) -> dict[str, SAE]:
+    return {sae_id: load_sae(sae_id, path) for sae_id, path in sae_dirs.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, env: dict[str, str], timeout: float = 900) -> Server:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return Server(url, log, process)
+        except OSError:
+            time.sleep(1)
+    stop_server(Server(url, log, process))
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-5000:]}")
+
+
+def stop_server(server: Server) -> None:
+    os.killpg(server.process.pid, signal.SIGTERM)
+    try:
+        server.process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server_args(sae_dirs) -> list[str]:
+    sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
+    return [
+        *sae_args,
+        "--dtype", "float32",  # the reference is float32 transformers: compare like with like
+        "--max-steered-requests", str(MAX_STEERED),
+        "--", "--max-num-batched-tokens", str(PREFILL_CHUNK),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, server_args) -> Iterator[Server]:
+    logs = tmp_path_factory.mktemp("logs")
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+    # First start compiles into an empty cache; the second, which the tests use, starts warm.
+    stop_server(start_server(server_args, logs / "cold.log", env))
+    warm = start_server(server_args, logs / "warm.log", env)
+    yield warm
+    stop_server(warm)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def model_name(client) -> str:
+    return client.models.list().data[0].id

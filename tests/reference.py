@@ -1,0 +1,102 @@
+"""The reference a server must match: plain transformers, one forward hook, the formulas as written.
+
+Kept deliberately independent of steering/hook.py: full-width SAE encoding, the issue's
+per-mode formulas spelled out, and its own input normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from features.sae import SAE
+
+
+@dataclass(frozen=True)
+class Intervention:
+    sae: SAE
+    index: int
+    mode: str
+    strength: float  # raw units
+
+
+def _activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f [T, d_sae], normalisation factor [T, 1]) computed from scratch."""
+    cfg = sae.cfg
+    if cfg.normalize_activations == "constant_norm_rescale":
+        factor = math.sqrt(cfg.d_in) / x.norm(dim=-1, keepdim=True)
+    elif cfg.normalize_activations == "expected_average_only_in":
+        factor = torch.full((x.shape[0], 1), cfg.norm_scaling_factor)
+    else:
+        factor = torch.ones(x.shape[0], 1)
+    xin = x * factor - (sae.b_dec if cfg.apply_b_dec_to_input else 0)
+    pre = xin @ sae.W_enc + sae.b_enc
+    if cfg.architecture == "jumprelu":
+        f = torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
+    elif cfg.architecture == "topk":
+        f = torch.zeros_like(pre)
+        values, indices = pre.topk(cfg.k, dim=-1)
+        f.scatter_(-1, indices, values.clamp_min(0))
+    else:
+        f = pre.clamp_min(0)
+    return f, factor
+
+
+def steered_residual(x: torch.Tensor, interventions: list[Intervention]) -> torch.Tensor:
+    """x [T, d] with every intervention applied, each reading the same un-steered x."""
+    x = x.float()
+    out = x.clone()
+    for iv in interventions:
+        f, factor = _activations(iv.sae, x)
+        fi, s, d = f[:, iv.index : iv.index + 1], iv.strength, iv.sae.W_dec[iv.index]
+        if iv.mode == "add":
+            coef = torch.full_like(fi, s)
+        elif iv.mode == "clamp":
+            coef = s - fi
+        elif iv.mode == "ablate":
+            coef = -fi
+        elif iv.mode == "scale":
+            coef = (s - 1) * fi
+        else:
+            raise ValueError(iv.mode)
+        out = out + coef * d / factor
+    return out
+
+
+@contextmanager
+def steering_hooks(model, interventions: list[Intervention]):
+    """Steer a transformers Llama: each decoder layer's output is the residual stream (resid_post)."""
+    by_layer: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        by_layer.setdefault(iv.sae.cfg.layer, []).append(iv)
+    handles = []
+    for layer, ivs in by_layer.items():
+
+        def hook(module, args, output, ivs=ivs):
+            hidden = output[0] if isinstance(output, tuple) else output
+            shape = hidden.shape
+            steered = steered_residual(hidden.reshape(-1, shape[-1]), ivs).reshape(shape).to(hidden.dtype)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        handles.append(model.model.layers[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], max_new_tokens: int, interventions: list[Intervention] = ()) -> list[int]:
+    with steering_hooks(model, list(interventions)):
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,  # compare full lengths; the server is asked to ignore EOS too
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()

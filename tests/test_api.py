@@ -1,0 +1,85 @@
+"""The OpenAI surface through the unmodified `openai` client, with steering in extra_body."""
+
+from __future__ import annotations
+
+import httpx
+
+STEER = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 3.0, "unit": "max_act"}]}
+MESSAGES = [{"role": "user", "content": "Name a fruit."}]
+
+
+def test_health_models_and_saes(server, client, model_name, saes):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert model_name == "SmolLM2-135M-Instruct"
+    listing = httpx.get(f"{server.url}/v1/saes").json()
+    assert listing["object"] == "list"
+    by_id = {s["id"]: s for s in listing["data"]}
+    assert set(by_id) == set(saes)
+    assert by_id["jr"] == {
+        "id": "jr",
+        "object": "sae",
+        "owned_by": "steerserve",
+        "hook_name": "blocks.15.hook_resid_post",
+        "layer": 15,
+        "d_in": 576,
+        "d_sae": 256,
+        "architecture": "jumprelu",
+        "has_statistics": True,
+    }
+    assert by_id["relu"]["has_statistics"] is False
+    assert by_id["topk"]["architecture"] == "topk"
+
+
+def test_chat_completion_echoes_resolved_steering(client, model_name, saes):
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=12, temperature=0)
+    steered = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"steering": STEER}
+    )
+    assert "steering" not in (plain.model_extra or {})
+    echo = steered.model_extra["steering"]
+    raw = 3.0 * float(saes["jr"].max_act[0])
+    assert echo["features"] == [{"sae": "jr", "index": 0, "mode": "add", "strength": raw, "unit": "raw"}]
+    assert len(echo["hash"]) == 32
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+    assert steered.usage.completion_tokens == 12 and steered.usage.prompt_tokens > 0
+
+
+def test_streaming_matches_non_streaming(client, model_name):
+    kwargs = dict(model=model_name, messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"steering": STEER})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].model_extra["steering"]["features"][0]["index"] == 0
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_n_seed_stop_logprobs(client, model_name):
+    sampled = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_completion_tokens=10, n=3, temperature=1.0, seed=7,
+        extra_body={"steering": STEER},
+    )  # fmt: skip
+    again = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_completion_tokens=10, n=3, temperature=1.0, seed=7,
+        extra_body={"steering": STEER},
+    )  # fmt: skip
+    assert len(sampled.choices) == 3
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    with_logprobs = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"steering": STEER},
+    )  # fmt: skip
+    content = with_logprobs.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
+    stopped = client.completions.create(model=model_name, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_completions_endpoint_steers(client, model_name):
+    prompt = "The best thing about summer is"
+    plain = client.completions.create(model=model_name, prompt=prompt, max_tokens=12, temperature=0)
+    steered = client.completions.create(
+        model=model_name, prompt=prompt, max_tokens=12, temperature=0, extra_body={"steering": STEER}
+    )
+    assert steered.model_extra["steering"]["hash"]
+    assert steered.choices[0].text != plain.choices[0].text

@@ -1,0 +1,57 @@
+"""Resolution of a steering spec: units, request scale, and the worker's wire form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, parse_wire, resolve
+from tests.test_hook_math import make_sae
+
+
+@pytest.fixture
+def sae(tmp_path):
+    return make_sae(tmp_path, "jumprelu", "none")
+
+
+def one(sae, **feature) -> tuple:
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", **feature)], scale=feature.pop("scale", 1.0))
+    return resolve(spec, {"t": sae}, SteeringLimits()).features[0]
+
+
+def test_units_and_scale(sae):
+    assert one(sae, index=2, mode="add", strength=3.0).c0 == 3.0
+    assert one(sae, index=2, mode="add", strength=3.0, unit="max_act").c0 == pytest.approx(3.0 * float(sae.max_act[2]))
+    norm = one(sae, index=2, mode="add", strength=3.0, unit="norm")
+    torch.testing.assert_close(norm.c0 * sae.W_dec[2].norm(), torch.tensor(3.0))
+    scaled = resolve(
+        SteeringSpec(features=[FeatureIntervention(sae="t", index=1, mode="clamp", strength=2.0)], scale=0.5),
+        {"t": sae},
+        SteeringLimits(),
+    ).features[0]
+    assert (scaled.c0, scaled.c1) == (1.0, -1.0)
+
+
+def test_mode_coefficients(sae):
+    assert (lambda f: (f.c0, f.c1))(one(sae, index=0, mode="clamp", strength=4.0)) == (4.0, -1.0)
+    assert (lambda f: (f.c0, f.c1))(one(sae, index=0, mode="ablate", strength=9.0)) == (0.0, -1.0)
+    assert (lambda f: (f.c0, f.c1))(one(sae, index=0, mode="scale", strength=3.0)) == (0.0, 2.0)
+
+
+def test_empty_spec_steers_nothing(sae):
+    assert resolve(SteeringSpec(), {"t": sae}, SteeringLimits()) is None
+
+
+def test_per_sae_cap(sae):
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=i) for i in range(3)])
+    with pytest.raises(SteeringError) as err:
+        resolve(spec, {"t": sae}, SteeringLimits(max_features_per_sae=2))
+    assert err.value.param == "steering.features"
+
+
+def test_wire_round_trip_and_digest(sae):
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)])
+    resolved = resolve(spec, {"t": sae}, SteeringLimits())
+    assert parse_wire(resolved.wire()) == [("t", f.index, f.c0, f.c1) for f in resolved.features]
+    other = resolve(SteeringSpec(features=spec.features[:3]), {"t": sae}, SteeringLimits())
+    assert resolved.digest() != other.digest()

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=0.5,
+        default=0.3,
         help="share of device memory vLLM reserves (on CPU: of the memory vLLM sees on the NUMA node, "
         "which must also hold the worker itself; vLLM's 0.92 fails on a 24 GiB machine)",
     )
@@ -49,8 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-features", type=int, default=64, help="interventions per request")
     serve.add_argument("--max-features-per-sae", type=int, default=64, help="interventions per SAE per request")
     serve.add_argument("--max-strength", type=float, default=1000.0, help="cap on |strength|")
+    serve.add_argument("--presets", help="YAML presets file; reloaded when it changes or on SIGHUP")
+    serve.add_argument("--policy", help="YAML access policy: per-key models, presets and steering rules")
+    serve.add_argument("--api-key", action="append", default=[], help="a key with full access (repeatable)")
+    serve.add_argument("--log-prompts", action="store_true", help="include prompts in the per-request log line")
     serve.add_argument("--enforce-eager", action="store_true", help="disable torch.compile (steering works either way)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after '--': passed to vLLM unchanged")
+
+    presets = commands.add_parser("presets", help="print, validate and diff presets files").add_subparsers(
+        dest="action", required=True
+    )
+    check = presets.add_parser("check", help="validate a presets file against a model and its SAEs")
+    check.add_argument("file")
+    check.add_argument("--model", help="model the presets must name (default: the embedded default)")
+    check.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH")
+    presets.add_parser("show", help="print a presets file as JSON").add_argument("file")
+    diff = presets.add_parser("diff", help="what differs between two presets files")
+    diff.add_argument("old")
+    diff.add_argument("new")
     return parser
 
 
@@ -58,10 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "presets":
+        from server.presets_cli import run
+
+        sys.exit(run(args))
 
 
 def serve(args: argparse.Namespace) -> None:
-    from server.startup import StartupError, steering_settings
+    from server.settings import API_ENV
+    from server.startup import StartupError, api_settings, steering_settings
 
     if args.model:
         model = Path(args.model)
@@ -69,12 +90,13 @@ def serve(args: argparse.Namespace) -> None:
         from server.default_model import ensure_default_model
 
         model = ensure_default_model()
+    name = args.served_model_name or model.name
     try:
-        settings = steering_settings(model, args)
+        settings, saes = steering_settings(model, args)
+        os.environ[API_ENV] = api_settings(args, settings, saes, name).to_env()
     except StartupError as exc:
         sys.exit(f"steerserve: {exc}")
 
-    name = args.served_model_name or model.name
     vllm_argv = [
         "--model", str(model),
         "--served-model-name", name,

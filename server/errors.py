@@ -15,3 +15,11 @@ def openai_error(status: HTTPStatus, message: str, param: str | None = None, typ
         "code": status.value,
     }
     return JSONResponse({"error": error}, status_code=status.value)
+
+
+def field_path(loc: tuple) -> str:
+    """pydantic's ('features', 0, 'mode') as 'features[0].mode', the form steering errors use."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path

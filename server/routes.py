@@ -1,13 +1,14 @@
-"""HTTP routes: vLLM's own OpenAI handlers, with a validated `steering` field in front.
+"""HTTP routes: vLLM's own OpenAI handlers, with steering, presets and policy in front.
 
-The protocol (streaming, n, logprobs, errors, ...) is vLLM's; what this module adds is
-request -> validated spec -> `extra_args` for the worker + a prefix-cache salt, and the
-resolved steering echoed back in the response.
+The protocol (streaming, n, logprobs, errors, ...) is vLLM's. What this module adds is
+request -> plan (preset expanded, policy applied, spec validated) -> `extra_args` for the
+worker + a prefix-cache salt, the resolved steering echoed back, and the preset routes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 
@@ -18,14 +19,19 @@ from vllm.entrypoints.openai.chat_completion.api_router import create_chat_compl
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.api_router import create_completion as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.models.api_router import show_available_models as vllm_models
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
+from server import metrics
+from server.auth import caller
 from server.errors import openai_error
-from server.state import SteeringState
+from server.policy import KeyPolicy, PolicyDenied
+from server.state import Plan, SteeringState
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec
 from steering.worker import CONFIG_KEY
 
 router = APIRouter()
+request_log = logging.getLogger("steerserve.requests")
 
 
 class SteeredChatCompletionRequest(ChatCompletionRequest):
@@ -36,6 +42,7 @@ class SteeredCompletionRequest(CompletionRequest):
     steering: SteeringSpec | None = None
 
 
+SteeredRequest = SteeredChatCompletionRequest | SteeredCompletionRequest
 VLLMRoute = Callable[[ChatCompletionRequest | CompletionRequest, Request], Awaitable[Response | None]]
 
 
@@ -44,15 +51,44 @@ def steering_state(raw_request: Request) -> SteeringState:
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)])
-async def create_chat_completion(request: SteeredChatCompletionRequest, raw_request: Request):
-    return await _serve_steered(request, raw_request, vllm_chat_completion, sequences=request.n or 1)
+async def create_chat_completion(
+    request: SteeredChatCompletionRequest, raw_request: Request, key: KeyPolicy | None = Depends(caller)
+):
+    return await _serve(request, raw_request, key, vllm_chat_completion, sequences=request.n or 1)
 
 
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)])
-async def create_completion(request: SteeredCompletionRequest, raw_request: Request):
+async def create_completion(
+    request: SteeredCompletionRequest, raw_request: Request, key: KeyPolicy | None = Depends(caller)
+):
     prompt = request.prompt
     prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
-    return await _serve_steered(request, raw_request, vllm_completion, sequences=(request.n or 1) * prompts)
+    return await _serve(request, raw_request, key, vllm_completion, sequences=(request.n or 1) * prompts)
+
+
+@router.get("/v1/models")
+async def list_models(raw_request: Request) -> JSONResponse:
+    """vLLM's model list, plus each preset as a model whose parent is its base (as vLLM lists LoRAs)."""
+    listing = json.loads((await vllm_models(raw_request)).body)
+    base = {card["id"]: card for card in listing["data"]}
+    for preset in steering_state(raw_request).presets.presets.values():
+        card = {**base[preset.model], "id": preset.name, "owned_by": "steerserve", "parent": preset.model}
+        listing["data"].append({**card, "description": preset.description})
+    return JSONResponse(listing)
+
+
+@router.get("/v1/presets")
+async def list_presets(raw_request: Request) -> dict:
+    presets = steering_state(raw_request).presets.presets.values()
+    return {"object": "list", "data": [p.file_form() for p in presets]}
+
+
+@router.get("/v1/presets/{name}", response_model=None)
+async def get_preset(name: str, raw_request: Request) -> dict | JSONResponse:
+    preset = steering_state(raw_request).presets.get(name)
+    if preset is None:
+        return openai_error(HTTPStatus.NOT_FOUND, f"no preset {name!r}", "name", "NotFoundError")
+    return preset.file_form()
 
 
 @router.get("/v1/saes")
@@ -77,31 +113,43 @@ async def list_saes(raw_request: Request) -> dict:
     }
 
 
-async def _serve_steered(
-    request: SteeredChatCompletionRequest | SteeredCompletionRequest,
-    raw_request: Request,
-    vllm_route: VLLMRoute,
-    sequences: int,
+async def _serve(
+    request: SteeredRequest, raw_request: Request, key: KeyPolicy | None, vllm_route: VLLMRoute, sequences: int
 ) -> Response | None:
-    if request.vllm_xargs and CONFIG_KEY in request.vllm_xargs:
-        return openai_error(
-            HTTPStatus.BAD_REQUEST, f"vllm_xargs.{CONFIG_KEY} is reserved; use the 'steering' field", f"vllm_xargs.{CONFIG_KEY}"
-        )
     state = steering_state(raw_request)
+    if request.vllm_xargs and CONFIG_KEY in request.vllm_xargs:
+        param = f"vllm_xargs.{CONFIG_KEY}"
+        metrics.VALIDATION_ERRORS.labels(param).inc()
+        return openai_error(HTTPStatus.BAD_REQUEST, f"{param} is reserved; use the 'steering' field", param)
     try:
-        resolved = state.resolve(request.steering)
+        plan = state.plan(request.model, request.steering, key)
     except SteeringError as exc:
+        metrics.VALIDATION_ERRORS.labels(metrics.field_label(exc.param)).inc()
         return openai_error(HTTPStatus.BAD_REQUEST, str(exc), exc.param)
+    except PolicyDenied as exc:
+        metrics.POLICY_DENIALS.labels(exc.rule).inc()
+        _log(state, request, key, None, status=403, rule=exc.rule)
+        return openai_error(HTTPStatus.FORBIDDEN, str(exc), exc.rule, "PermissionDeniedError")
+    resolved = plan.resolved
+    if resolved is not None and not state.gate.try_acquire(sequences):
+        metrics.CAPACITY_REFUSALS.inc()
+        message = f"all {state.gate.capacity} steering slots are in use; retry shortly"
+        return openai_error(HTTPStatus.TOO_MANY_REQUESTS, message, "steering", "RateLimitError")
+    metrics.REQUESTS.labels(str(resolved is not None).lower(), plan.preset.name if plan.preset else "").inc()
+    _log(state, request, key, plan, status=200)
+    _apply_preset(request, plan)
     if resolved is None:
         return await vllm_route(request, raw_request)
-    if not state.gate.try_acquire(sequences):
-        return openai_error(
-            HTTPStatus.TOO_MANY_REQUESTS,
-            f"all {state.gate.capacity} steering slots are in use; retry shortly",
-            "steering",
-            "RateLimitError",
-        )
-    release = _once(lambda: state.gate.release(sequences))
+    return await _serve_steered(request, raw_request, vllm_route, plan, lambda: state.gate.release(sequences))
+
+
+async def _serve_steered(
+    request: SteeredRequest, raw_request: Request, vllm_route: VLLMRoute, plan: Plan, release_slots: Callable[[], None]
+) -> Response | None:
+    resolved = plan.resolved
+    assert resolved is not None
+    release = _once(release_slots)
+    echo = {**resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
     try:
         _attach(request, resolved)
         response = await vllm_route(request, raw_request)
@@ -110,18 +158,51 @@ async def _serve_steered(
         raise
     if isinstance(response, StreamingResponse):
         # Released when the stream ends or breaks off; the background task covers a stream never started.
-        response.body_iterator = _echo_stream(response.body_iterator, resolved, release)
+        response.body_iterator = _echo_stream(response.body_iterator, echo, release)
         response.background = _chain(response.background, release)
     else:
         release()
         if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
-            body["steering"] = resolved.echo()
+            body["steering"] = echo
             headers = {k: v for k, v in response.headers.items() if k != "content-length"}
             response = JSONResponse(body, headers=headers, background=response.background)
     if response is not None:
         response.headers["x-steering-hash"] = resolved.digest()
     return response
+
+
+def _apply_preset(request: SteeredRequest, plan: Plan) -> None:
+    """Run the preset's base model, with the preset's sampling defaults where the request set none."""
+    request.model = plan.model
+    if plan.preset is None or plan.preset.sampling is None:
+        return
+    given = request.model_fields_set
+    for field, value in plan.preset.sampling.model_dump(exclude_none=True).items():
+        if field in given or (field == "max_tokens" and "max_completion_tokens" in given):
+            continue
+        setattr(request, field, value)
+
+
+def _attach(request: SteeredRequest, resolved: ResolvedSteering) -> None:
+    """Hand the spec to the worker and keep its KV cache apart from differently steered requests."""
+    request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: resolved.wire()}
+    salt = resolved.digest()
+    request.cache_salt = f"{salt}:{request.cache_salt}" if request.cache_salt else salt
+
+
+def _log(state: SteeringState, request: SteeredRequest, key: KeyPolicy | None, plan: Plan | None, **fields) -> None:
+    """One structured line per request: its steering hash and preset, never the prompt unless asked for."""
+    line = {
+        "model": request.model,
+        "key": key.name if key else None,
+        "preset": plan.preset.name if plan and plan.preset else None,
+        "steering_hash": plan.resolved.digest() if plan and plan.resolved else None,
+        **fields,
+    }
+    if state.api.log_prompts:
+        line["prompt"] = getattr(request, "messages", None) or getattr(request, "prompt", None)
+    request_log.info(json.dumps(line, default=str))
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -147,15 +228,8 @@ def _chain(background: BackgroundTask | None, fn: Callable[[], None]) -> Backgro
     return BackgroundTask(run)
 
 
-def _attach(request: SteeredChatCompletionRequest | SteeredCompletionRequest, resolved: ResolvedSteering) -> None:
-    """Hand the spec to the worker and keep its KV cache apart from differently steered requests."""
-    request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: resolved.wire()}
-    salt = resolved.digest()
-    request.cache_salt = f"{salt}:{request.cache_salt}" if request.cache_salt else salt
-
-
 async def _echo_stream(
-    chunks: AsyncIterator[str | bytes], resolved: ResolvedSteering, release: Callable[[], None]
+    chunks: AsyncIterator[str | bytes], echo: dict, release: Callable[[], None]
 ) -> AsyncIterator[str | bytes]:
     """Pass the SSE stream through, adding the resolved steering to its first event."""
     echoed = False
@@ -164,7 +238,7 @@ async def _echo_stream(
             text = chunk.decode() if isinstance(chunk, bytes) else chunk
             if not echoed and text.startswith("data: {"):
                 event = json.loads(text[len("data: ") :])
-                event["steering"] = resolved.echo()
+                event["steering"] = echo
                 chunk, echoed = f"data: {json.dumps(event)}\n\n", True
             yield chunk
     finally:

@@ -7,6 +7,7 @@ key: a change of SAEs, table sizes or hook code can never reuse a stale compiled
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -67,3 +68,21 @@ def sae_entry(sae_id: str, path: str | Path) -> SAEEntry:
 def hook_digest() -> str:
     """Digest of the code traced into the compiled graph."""
     return file_digest(Path(steering.hook.__file__))
+
+
+API_ENV = "STEERSERVE_API"  # the API process's own settings: kept out of additional_config, which vLLM logs
+
+
+class APISettings(BaseModel):
+    presets: str | None = None
+    policy: str | None = None
+    api_keys: list[str] = []
+    log_prompts: bool = False
+
+    def to_env(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_env(cls) -> APISettings:
+        raw = os.environ.get(API_ENV)
+        return cls.model_validate_json(raw) if raw else cls()

@@ -6,22 +6,24 @@ import argparse
 import json
 from pathlib import Path
 
-from features.sae import SAEFormatError, load_sae
-from server.settings import SteeringSettings, hook_digest, sae_entry
+from features.sae import SAE, SAEFormatError, load_sae
+from server.policy import Policy, PolicyError
+from server.presets import PresetsError, parse_presets
+from server.settings import APISettings, SteeringSettings, hook_digest, sae_entry
 
 
 class StartupError(RuntimeError):
     pass
 
 
-def steering_settings(model: Path, args: argparse.Namespace) -> SteeringSettings:
+def steering_settings(model: Path, args: argparse.Namespace) -> tuple[SteeringSettings, dict[str, SAE]]:
     config_path = model / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StartupError(f"{config_path}: not a Hugging Face checkpoint ({exc})") from exc
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
-    entries = []
+    entries, saes = [], {}
     for sae_id, path in args.sae:
         if any(e.id == sae_id for e in entries):
             raise StartupError(f"--sae {sae_id}={path}: SAE id {sae_id!r} is given twice")
@@ -35,7 +37,8 @@ def steering_settings(model: Path, args: argparse.Namespace) -> SteeringSettings
         if not 0 <= sae.cfg.layer < layers:
             raise StartupError(f"{cfg_file}: hook {sae.cfg.hook_name!r} names layer {sae.cfg.layer}; the model has {layers}")
         entries.append(sae_entry(sae_id, path))
-    return SteeringSettings(
+        saes[sae_id] = sae
+    settings = SteeringSettings(
         saes=entries,
         max_steered_requests=args.max_steered_requests,
         # Row 0 means "unsteered"; rows of finished requests are freed one engine step after
@@ -45,4 +48,23 @@ def steering_settings(model: Path, args: argparse.Namespace) -> SteeringSettings
         max_features=args.max_features,
         max_strength=args.max_strength,
         hook_digest=hook_digest(),
+    )
+    return settings, saes
+
+
+def api_settings(args: argparse.Namespace, settings: SteeringSettings, saes: dict[str, SAE], model: str) -> APISettings:
+    """Check the presets and policy files now, so a bad file stops start-up before the engine loads."""
+    presets = Path(args.presets).resolve() if args.presets else None
+    policy = Path(args.policy).resolve() if args.policy else None
+    try:
+        if presets is not None:
+            parse_presets(presets, saes, {model}, settings.limits)
+        Policy.load(policy, args.api_key)
+    except (PresetsError, PolicyError) as exc:
+        raise StartupError(str(exc)) from exc
+    return APISettings(
+        presets=str(presets) if presets else None,
+        policy=str(policy) if policy else None,
+        api_keys=args.api_key,
+        log_prompts=args.log_prompts,
     )

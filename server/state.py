@@ -1,13 +1,16 @@
-"""What the API process knows about steering: the loaded SAEs, the limits, and admission."""
+"""What the API process knows about steering: SAEs, limits, presets, policy, and admission."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 from features.sae import SAE, load_sae
-from server.settings import SteeringSettings
-from steering.spec import ResolvedSteering, SteeringSpec, resolve
+from server.policy import KeyPolicy, Policy, authorize
+from server.presets import Preset, PresetStore, parse_presets
+from server.settings import APISettings, SteeringSettings
+from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
 
 
 class SteeringGate:
@@ -33,18 +36,42 @@ class SteeringGate:
             self.in_flight -= n
 
 
-@dataclass
+@dataclass(frozen=True)
+class Plan:
+    """A request's steering once presets are expanded, the policy applied and the spec resolved."""
+
+    model: str  # the base model to run
+    preset: Preset | None
+    resolved: ResolvedSteering | None
+
+
 class SteeringState:
-    settings: SteeringSettings
-    saes: dict[str, SAE]
-    gate: SteeringGate = field(init=False)
+    def __init__(self, settings: SteeringSettings, api: APISettings, served_models: set[str]):
+        self.settings = settings
+        self.api = api
+        self.saes: dict[str, SAE] = {e.id: load_sae(e.id, e.path) for e in settings.saes}
+        self.gate = SteeringGate(settings.max_steered_requests)
+        self.served_models = served_models
+        self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
+        self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)
 
-    def __post_init__(self) -> None:
-        self.gate = SteeringGate(self.settings.max_steered_requests)
+    def parse_presets(self, path: Path) -> dict[str, Preset]:
+        return parse_presets(path, self.saes, self.served_models, self.settings.limits)
 
-    @classmethod
-    def load(cls, settings: SteeringSettings) -> SteeringState:
-        return cls(settings, {e.id: load_sae(e.id, e.path) for e in settings.saes})
-
-    def resolve(self, spec: SteeringSpec | None) -> ResolvedSteering | None:
-        return resolve(spec, self.saes, self.settings.limits) if spec is not None else None
+    def plan(self, model: str, spec: SteeringSpec | None, key: KeyPolicy | None) -> Plan:
+        """Raises SteeringError (400) or PolicyDenied (403)."""
+        preset = self.presets.get(model)
+        if spec is not None and spec.preset is not None:
+            named = self.presets.get(spec.preset)
+            if named is None:
+                raise SteeringError("steering.preset", f"unknown preset {spec.preset!r}; presets: {sorted(self.presets.presets)}")
+            if preset is not None and named is not preset:
+                raise SteeringError("steering.preset", f"model {model!r} is itself a preset; name only one preset")
+            if model != named.model:
+                raise SteeringError("steering.preset", f"preset {named.name!r} is for model {named.model!r}")
+            preset = named
+        expanded = preset.spec(spec) if preset is not None else spec
+        raw = spec.features if spec is not None else []
+        authorize(key, model, preset.name if preset else None, raw, expanded or SteeringSpec())
+        resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
+        return Plan(model=preset.model if preset else model, preset=preset, resolved=resolved)

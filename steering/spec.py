@@ -45,6 +45,7 @@ class FeatureIntervention(BaseModel):
 class SteeringSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    preset: str | None = Field(default=None, description="a preset's steering, with `features` added on top")
     features: list[FeatureIntervention] = Field(default_factory=list)
     scale: FiniteFloat = Field(default=1.0, description="multiplies every strength")
 

@@ -155,10 +155,22 @@ def _wrap_state_removed(original):
     return _on_request_state_removed
 
 
+def _configure_logging() -> None:
+    """steerserve's loggers print INFO in every vLLM process, in vLLM's own style."""
+    root = logging.getLogger("steerserve")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
 def register() -> None:
     """Entry point: patch the V1 model runners (idempotent; vLLM calls it in every process)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _configure_logging()
     runners: list[type] = [GPUModelRunner]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner

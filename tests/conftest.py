@@ -32,6 +32,40 @@ TEST_SAES = {
     "relu": (8, "standard", "constant_norm_rescale", False),
 }
 MAX_STEERED = 16
+ADMIN_KEY = "sk-test-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PRESETS = """\
+# Presets for the test session's SAEs (see TEST_SAES).
+presets:
+  - name: test-clamp
+    description: clamp jr feature 1 high
+    model: SmolLM2-135M-Instruct
+    features:
+      - {sae: jr, index: 1, mode: clamp, strength: 4.0, unit: max_act}
+    sampling: {temperature: 0.0, max_tokens: 12}
+  - name: test-mix
+    description: two SAEs at once
+    model: SmolLM2-135M-Instruct
+    scale: 0.5
+    features:
+      - {sae: jr, index: 0, mode: add, strength: 6.0, unit: max_act}
+      - {sae: topk, index: 2, mode: clamp, strength: 4.0, unit: max_act}
+"""
+POLICY = """\
+keys:
+  - name: presets-only
+    key: sk-test-presets
+    raw_features: false
+    presets: [test-clamp]
+  - name: capped
+    key: sk-test-capped
+    max_strength: {max_act: 2.0, raw: 5.0}
+  - name: guarded
+    key_sha256: %s
+    protected:
+      - {sae: jr, index: 5, forbid: negative}
+      - {sae: jr, index: 6, forbid: any}
+""" % __import__("hashlib").sha256(b"sk-test-guarded").hexdigest()
 PREFILL_CHUNK = 256  # small token budget per step, so long prompts are prefilled in several chunks
 
 
@@ -116,10 +150,22 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_args(sae_dirs) -> list[str]:
+def presets_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("presets") / "presets.yaml"
+    path.write_text(PRESETS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_args(sae_dirs, presets_file, tmp_path_factory) -> list[str]:
     sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(POLICY)
     return [
         *sae_args,
+        "--presets", str(presets_file),
+        "--policy", str(policy),
+        "--api-key", ADMIN_KEY,
         "--dtype", "float32",  # the reference is float32 transformers: compare like with like
         "--max-steered-requests", str(MAX_STEERED),
         "--", "--max-num-batched-tokens", str(PREFILL_CHUNK),
@@ -141,7 +187,7 @@ def server(tmp_path_factory, server_args) -> Iterator[Server]:
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import httpx
 
+from tests.conftest import ADMIN
+
 STEER = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 3.0, "unit": "max_act"}]}
 MESSAGES = [{"role": "user", "content": "Name a fruit."}]
 
 
 def test_health_models_and_saes(server, client, model_name, saes):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert model_name == "SmolLM2-135M-Instruct"
-    listing = httpx.get(f"{server.url}/v1/saes").json()
+    assert model_name == "SmolLM2-135M-Instruct"  # the base model is listed first, then the presets
+    listing = httpx.get(f"{server.url}/v1/saes", headers=ADMIN).json()
     assert listing["object"] == "list"
     by_id = {s["id"]: s for s in listing["data"]}
     assert set(by_id) == set(saes)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import MAX_STEERED
+from tests.conftest import ADMIN, MAX_STEERED
 
 GOOD = {"sae": "jr", "index": 0, "mode": "add", "strength": 1.0}
 
@@ -38,7 +38,7 @@ def _post(server, model_name: str, steering, **extra) -> httpx.Response:
     if steering is not None:
         body["steering"] = steering
     # json.dumps writes NaN/Infinity literals, which is what a careless client sends.
-    return httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=120)
+    return httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json", **ADMIN}, timeout=120)
 
 
 def _assert_still_serving(server, model_name: str) -> None:

@@ -1,0 +1,144 @@
+"""An OpenAI-compatible load generator: bounded request count, fixed output length, streamed.
+
+Every request streams with `ignore_eos`, so each produces exactly `max_tokens` tokens and the
+scenarios differ only in their steering. TTFT is the time to the first content chunk, and
+inter-token latency the gaps between content chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from openai import AsyncOpenAI
+
+SpecFactory = Callable[[random.Random, int], dict | None]  # (rng, request number) -> steering or None
+
+
+@dataclass
+class Scenario:
+    name: str
+    concurrency: int
+    requests: int
+    max_tokens: int
+    spec: SpecFactory
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    scenario: str
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    output_tokens: int
+    output_tok_s: float
+    req_s: float
+    ttft_ms: dict
+    itl_ms: dict
+    labels: dict
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    qs = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return {"p50": round(qs[49], 2), "p90": round(qs[89], 2), "p99": round(qs[98], 2)}
+
+
+async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, steering: dict | None) -> tuple[float, list[float], int]:
+    extra = {"ignore_eos": True, **({"steering": steering} if steering else {})}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    if not stamps:
+        raise RuntimeError("no tokens streamed")
+    ttft = (stamps[0] - start) * 1000
+    itl = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+    return ttft, itl, tokens
+
+
+async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed: int = 0, api_key: str = "unused") -> Result:
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=900)
+    rng = random.Random(seed)
+    jobs = [(prompts[i % len(prompts)], scenario.spec(rng, i)) for i in range(scenario.requests)]
+    gate = asyncio.Semaphore(scenario.concurrency)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    tokens = errors = 0
+
+    async def worker(prompt: str, spec: dict | None) -> None:
+        nonlocal tokens, errors
+        async with gate:
+            try:
+                ttft, itl, n = await _one(client, model, prompt, scenario.max_tokens, spec)
+            except Exception:
+                errors += 1
+                return
+            ttfts.append(ttft)
+            itls.extend(itl)
+            tokens += n
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(p, s) for p, s in jobs))
+    wall = time.perf_counter() - start
+    await client.close()
+    return Result(
+        scenario=scenario.name,
+        concurrency=scenario.concurrency,
+        requests=scenario.requests,
+        errors=errors,
+        wall_s=round(wall, 2),
+        output_tokens=tokens,
+        output_tok_s=round(tokens / wall, 1),
+        req_s=round((scenario.requests - errors) / wall, 3),
+        ttft_ms=percentiles(ttfts),
+        itl_ms=percentiles(itls),
+        labels=scenario.labels,
+    )
+
+
+def random_spec(saes: dict[str, int], features: int, modes: tuple[str, ...] = ("add", "clamp")) -> SpecFactory:
+    """A distinct random spec per request: `features` features spread over the given SAEs (id -> d_sae)."""
+    ids = sorted(saes)
+
+    def make(rng: random.Random, n: int) -> dict:
+        chosen = []
+        for k in range(features):
+            sae = ids[k % len(ids)]
+            chosen.append(
+                {"sae": sae, "index": rng.randrange(saes[sae]), "mode": rng.choice(modes), "strength": round(rng.uniform(-8, 8), 3)}
+            )
+        return {"features": chosen}
+
+    return make
+
+
+def unsteered(rng: random.Random, n: int) -> None:
+    return None
+
+
+def mixed(steered: SpecFactory, fraction: float) -> SpecFactory:
+    return lambda rng, n: steered(rng, n) if (n % 100) < fraction * 100 else None

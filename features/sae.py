@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 STATISTICS_FILE = "feature_statistics.safetensors"
+DEFAULT_SAE = Path(__file__).parent / "default"  # the default model's own SAE (python -m features.build)
 
 Architecture = Literal["standard", "jumprelu", "topk"]
 Normalization = Literal["none", "constant_norm_rescale", "expected_average_only_in"]

@@ -1,0 +1,189 @@
+"""Build the default SAE, its statistics, catalogue and quality report: `python -m features.build`.
+
+Stages, each skipped when its output exists, so an interrupted build resumes:
+
+  chats        the default model answers every topic x task prompt through steerserve
+               (committed as chats.jsonl.gz; only regenerated with --regenerate-chats)
+  corpus       chats + pinned Debian text packages, tokenized; held-out split; manifest
+  activations  resid_post of LAYER for every training token, cached as bfloat16
+  train        BatchTopK SAE, resumable checkpoints, fixed seed; exported as JumpReLU
+  catalogue    statistics (density, max_act, quantiles), top contexts, logit lens, labels
+  quality      FVE, L0, dead/dense fractions, loss recovered on held-out text
+
+Outputs (committed, `features/default/`): cfg.json, sae_weights.safetensors (bfloat16),
+feature_statistics.safetensors, catalogue.json.gz, quality.json/.md, training.png, manifest.json.
+Intermediate data (corpus tokens, activation cache, checkpoints) stay in the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from features import activations, catalogue, corpus, quality
+from features.residuals import ResidualReader
+from features.sae import CONFIG_FILE, DEFAULT_SAE, STATISTICS_FILE, WEIGHTS_FILE, load_sae
+from features.train import TrainConfig, Trainer, save_history_plot, write_json
+from server.default_model import ensure_default_model, home, sha256
+
+LAYER = 15  # the middle of SmolLM2-135M's 30 layers
+TRAIN_TOKENS = 4_000_000  # of the corpus's ~8M: what the residual cache and training take about an hour each for here
+
+
+class Build:
+    def __init__(self, out: Path, work: Path, cfg: TrainConfig, max_tokens: int | None):
+        self.out, self.work, self.cfg, self.max_tokens = out, work, cfg, max_tokens
+        self.model_dir = ensure_default_model()
+        self.timings: dict[str, float] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, name: str, fn):
+        print(f"\n== {name}", flush=True)
+        started = time.monotonic()
+        result = fn()
+        self.timings[name] = round(time.monotonic() - started, 1)
+        return result
+
+    def chats(self, path: Path, regenerate: bool) -> Path:
+        if regenerate or not path.exists():
+            corpus.generate_chats(path)
+        return path
+
+    def corpus(self, chats: Path, reader: ResidualReader) -> dict:
+        manifest_path = self.work / "corpus" / "manifest.json"
+        if not manifest_path.exists():
+            manifest = corpus.build_corpus(chats, self.work / "downloads", self.work / "corpus", reader.tokenizer)
+            write_json(manifest_path, manifest)
+        return json.loads(manifest_path.read_text())
+
+    def tokens(self, split: str) -> np.ndarray:
+        """A split's token stream; with --max-tokens, training uses that many tokens' worth of
+        windows spread evenly over the whole stream (every source keeps its share)."""
+        tokens = np.load(self.work / "corpus" / f"{split}.npy")
+        if split != "train" or not self.max_tokens:
+            return tokens
+        all_windows = activations.windows(tokens)
+        keep = np.linspace(0, len(all_windows) - 1, min(len(all_windows), self.max_tokens // activations.CONTEXT)).astype(int)
+        return all_windows[keep].reshape(-1)
+
+    def activations(self, reader: ResidualReader) -> np.ndarray:
+        return activations.collect(reader, self.tokens("train"), self.work / "activations.npy", f"resid_post L{LAYER}")
+
+    def train(self, acts: np.ndarray) -> Trainer:
+        trainer = Trainer(acts, self.cfg, self.work)
+        trainer.fit()
+        sae_cfg = {
+            "architecture": "jumprelu", "d_in": acts.shape[1], "d_sae": self.cfg.d_sae,
+            "hook_name": f"blocks.{LAYER}.hook_resid_post", "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "dtype": "bfloat16", "model_name": "SmolLM2-135M-Instruct",
+            "context_size": activations.CONTEXT, "dataset_path": "features/default/manifest.json",
+            "trained_as": f"batchtopk (k={self.cfg.k}), exported as JumpReLU with its learned threshold",
+        }  # fmt: skip
+        (self.out / CONFIG_FILE).write_text(json.dumps(sae_cfg, indent=2) + "\n")
+        weights = {k: v.to(torch.bfloat16).contiguous() for k, v in trainer.inference_weights().items()}
+        save_file(weights, self.out / WEIGHTS_FILE)
+        save_history_plot(trainer.history, self.out / "training.png")
+        return trainer
+
+    def catalogue(self, acts: np.ndarray, reader: ResidualReader, sink_norm: float) -> catalogue.Statistics:
+        sae = load_sae("default", self.out)
+        stats = self._statistics(sae, acts, sink_norm)
+        save_file(
+            {"max_act": stats.max_act, "density": stats.density.float(),
+             "mean_act": stats.total / stats.fires.clamp_min(1), "quantiles": stats.quantiles()},
+            self.out / STATISTICS_FILE,
+            metadata={"quantiles": json.dumps(catalogue.QUANTILES), "tokens": str(stats.tokens), "sinks_left_out": str(stats.sinks)},
+        )  # fmt: skip
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        promoted, suppressed = catalogue.logit_lens(sae, lm.get_output_embeddings().weight.detach(), lm.model.norm.weight.detach())
+        cards = catalogue.build_cards(stats, reader.tokenizer, self.tokens("train"), activations.token_of_row, promoted, suppressed)
+        catalogue.save_catalogue(self.out / catalogue.CATALOGUE_FILE, cards)
+        return stats
+
+    def _statistics(self, sae, acts: np.ndarray, sink_norm: float) -> catalogue.Statistics:
+        """One pass of the SAE over every training activation; cached per SAE weights and sink norm."""
+        cached = self.work / f"statistics-{sha256(self.out / WEIGHTS_FILE)[:16]}-sink{sink_norm:.0f}.pt"
+        if cached.exists():
+            return catalogue.Statistics(**torch.load(cached))
+        batch = 4096
+
+        def batches():
+            for start in range(0, len(acts), batch):
+                yield activations.as_float(acts[start : start + batch])
+
+        stats = catalogue.gather_statistics(sae, batches, len(acts), batch, sink_norm)
+        torch.save(vars(stats), cached)
+        return stats
+
+    def quality(self, stats: catalogue.Statistics, sink_norm: float) -> dict:
+        sae = load_sae("default", self.out)
+        metrics = quality.evaluate(self.model_dir, sae, self.tokens("heldout"), sink_norm)
+        metrics["dead_fraction"] = float((stats.fires == 0).float().mean())
+        metrics["dense_fraction"] = float((stats.density > quality.DENSE).float().mean())
+        metrics["statistics_tokens"] = stats.tokens
+        metrics["sinks_left_out"] = stats.sinks
+        metrics["sink_norm"] = sink_norm
+        rows, table = quality.report(metrics)
+        write_json(self.out / "quality.json", {"metrics": metrics, "targets": rows})
+        (self.out / "quality.md").write_text(
+            "# Default SAE quality (held-out text)\n\n" + table + "\n\n"
+            f"Dense features (density > {quality.DENSE:.0%}): {metrics['dense_fraction']:.4f}. "
+            f"Cross-entropy clean {metrics['ce_clean']:.4f}, spliced {metrics['ce_spliced']:.4f}, "
+            f"zero-ablated {metrics['ce_zero_ablated']:.4f}, over {metrics['heldout_tokens']} held-out tokens.\n"
+        )
+        return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m features.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_SAE, help="where the SAE and its catalogue go")
+    parser.add_argument("--work", type=Path, default=home() / "build", help="corpus, activation cache, checkpoints")
+    parser.add_argument("--chats", type=Path, default=DEFAULT_SAE / "chats.jsonl.gz", help="the model-written chats")
+    parser.add_argument("--regenerate-chats", action="store_true", help="have the model write its chats anew")
+    parser.add_argument(
+        "--max-tokens", type=int, default=TRAIN_TOKENS, help="training tokens, spread evenly over the corpus (0: all)"
+    )
+    parser.add_argument("--d-sae", type=int, default=TrainConfig.d_sae)
+    parser.add_argument("--k", type=int, default=TrainConfig.k)
+    parser.add_argument("--epochs", type=float, default=TrainConfig.epochs)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    args = parser.parse_args()
+    cfg = TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, seed=args.seed)
+    torch.manual_seed(cfg.seed)
+    build = Build(args.out, args.work, cfg, args.max_tokens)
+    started = time.monotonic()
+    chats = build.stage("chats", lambda: build.chats(args.chats, args.regenerate_chats))
+    # float32: on this CPU transformers' bfloat16 forward is 2.4x slower (element-wise bf16 ops in rotary
+    # embeddings dominate), and float32 residuals are what the float32 checkpoint really computes.
+    reader = ResidualReader(build.model_dir, LAYER, torch.float32)
+    manifest = build.stage("corpus", lambda: build.corpus(chats, reader))
+    acts = build.stage("activations", lambda: build.activations(reader))
+    trainer = build.stage("train", lambda: build.train(acts))
+    sink_norm = activations.sink_norm(acts)  # one threshold for the statistics and the quality report
+    stats = build.stage("catalogue", lambda: build.catalogue(acts, reader, sink_norm))
+    metrics = build.stage("quality", lambda: build.quality(stats, sink_norm))
+    manifest.update(
+        layer=LAYER,
+        training=trainer.summary(),
+        training_tokens=len(acts),
+        seconds=build.timings,
+        total_seconds=round(time.monotonic() - started, 1),
+        machine={"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        artifacts={p.name: sha256(p) for p in sorted(args.out.iterdir()) if p.name != "manifest.json"},
+    )
+    write_json(args.out / "manifest.json", manifest)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

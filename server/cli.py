@@ -16,6 +16,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from features.sae import DEFAULT_SAE, WEIGHTS_FILE
+from server.limits import DEFAULT_MAX_BODY, MAX_BODY_ENV
+
 PLUGINS = "steerserve_worker,steerserve_api"  # entry-point names in pyproject.toml
 
 
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="local Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the model directory's name)")
     serve.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH", help="SAE in SAELens format")
+    serve.add_argument(
+        "--no-default-sae", action="store_true", help="with the default model, do not load its default SAE as 'default'"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
@@ -53,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="YAML access policy: per-key models, presets and steering rules")
     serve.add_argument("--api-key", action="append", default=[], help="a key with full access (repeatable)")
     serve.add_argument("--log-prompts", action="store_true", help="include prompts in the per-request log line")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=30,
+        help="on SIGTERM, seconds in-flight requests may take to finish (vLLM's drain; 0 aborts them)",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body accepted (413 above)"
+    )
     serve.add_argument("--enforce-eager", action="store_true", help="disable torch.compile (steering works either way)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after '--': passed to vLLM unchanged")
 
@@ -67,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     diff = presets.add_parser("diff", help="what differs between two presets files")
     diff.add_argument("old")
     diff.add_argument("new")
+
+    features = commands.add_parser("features", help="search an SAE's feature catalogue").add_subparsers(
+        dest="action", required=True
+    )
+    search = features.add_parser("search", help="features whose labels, tokens and contexts match")
+    search.add_argument("query")
+    search.add_argument("--limit", type=int, default=20)
+    show = features.add_parser("show", help="one feature's card")
+    show.add_argument("index", type=int)
+    for sub in (search, show):
+        sub.add_argument("--sae", default=str(DEFAULT_SAE), help="SAE directory (default: the default SAE)")
     return parser
 
 
@@ -77,10 +103,25 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "presets":
         from server.presets_cli import run
 
+        if args.action == "check" and not args.model:
+            add_default_sae(args)
+        sys.exit(run(args))
+    elif args.command == "features":
+        from server.features_cli import run
+
         sys.exit(run(args))
 
 
+def add_default_sae(args: argparse.Namespace) -> None:
+    """The default model comes with its SAE, as `default`, unless told not to or given one by that id."""
+    if getattr(args, "no_default_sae", False) or not (DEFAULT_SAE / WEIGHTS_FILE).exists():
+        return
+    if all(sae_id != "default" for sae_id, _ in args.sae):
+        args.sae.insert(0, ("default", str(DEFAULT_SAE)))
+
+
 def serve(args: argparse.Namespace) -> None:
+    from server.lifecycle import Lifecycle
     from server.settings import API_ENV
     from server.startup import StartupError, api_settings, steering_settings
 
@@ -90,6 +131,7 @@ def serve(args: argparse.Namespace) -> None:
         from server.default_model import ensure_default_model
 
         model = ensure_default_model()
+        add_default_sae(args)
     name = args.served_model_name or model.name
     try:
         settings, saes = steering_settings(model, args)
@@ -108,15 +150,21 @@ def serve(args: argparse.Namespace) -> None:
         "--dtype", args.dtype,
         "--additional-config", json.dumps(settings.additional_config()),
         "--enable-prefix-caching",
+        "--shutdown-timeout", str(args.shutdown_timeout),
         *(["--enforce-eager"] if args.enforce_eager else []),
         *[a for a in args.vllm_args if a != "--"],
     ]  # fmt: skip
     os.environ["VLLM_PLUGINS"] = PLUGINS
+    os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
     # steerserve hooks the V1 model runner; vLLM picks its V2 runner by default where Triton exists.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     _announce_when_ready(args.host, args.port, name)
 
     run_vllm_serve(vllm_argv)
+    # vLLM stops serving when its engine process dies, and returns as if asked to: say otherwise,
+    # so a supervisor restarts the server.
+    if Lifecycle.current is not None and Lifecycle.current.engine_died():
+        sys.exit("steerserve: the engine process died; exiting")
 
 
 def run_vllm_serve(argv: list[str]) -> None:

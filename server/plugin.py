@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 from argparse import Namespace
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
+from vllm.v1.engine.exceptions import EngineDeadError
 
+from server import lifecycle, limits
 from server.auth import BearerAuth
+from server.discovery import router as discovery_router
+from server.errors import APIError, api_error_handler
 from server.routes import router
 from server.settings import APISettings, SteeringSettings
 from server.state import SteeringState
@@ -21,13 +27,21 @@ class SteeringEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)  # replaces vLLM's completion routes and GET /v1/models
+        app.include_router(discovery_router)
+        app.include_router(lifecycle.router)  # replaces GET /health
+        app.add_exception_handler(APIError, api_error_handler)
+        app.add_exception_handler(EngineDeadError, lifecycle.engine_dead)
+        app.add_exception_handler(HTTPException, limits.http_error)
         app.add_middleware(BearerAuth)
+        app.add_middleware(limits.BodyLimit, max_bytes=limits.max_body_bytes())  # outermost: before auth reads anything
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         settings = SteeringSettings.from_additional_config(args.additional_config)
         if settings is None:
             raise RuntimeError("steerserve_api needs the steering settings in --additional-config")
         served = set(args.served_model_name or [args.model])
-        state.steering = steering = SteeringState(settings, APISettings.from_env(), served)
+        state.steering = steering = SteeringState(settings, APISettings.from_env(), served, Path(args.model))
         steering.presets.watch()
+        state.lifecycle = lifecycle.Lifecycle(engine_client)
+        state.lifecycle.start(state)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, steering.presets.reload)

@@ -25,6 +25,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 from server import metrics
 from server.auth import caller
 from server.errors import openai_error
+from server.lifecycle import lifecycle
 from server.policy import KeyPolicy, PolicyDenied
 from server.state import Plan, SteeringState
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec
@@ -93,7 +94,8 @@ async def get_preset(name: str, raw_request: Request) -> dict | JSONResponse:
 
 @router.get("/v1/saes")
 async def list_saes(raw_request: Request) -> dict:
-    saes = steering_state(raw_request).saes.values()
+    state = steering_state(raw_request)
+    saes = state.saes.values()
     return {
         "object": "list",
         "data": [
@@ -107,6 +109,7 @@ async def list_saes(raw_request: Request) -> dict:
                 "d_sae": sae.cfg.d_sae,
                 "architecture": sae.cfg.architecture,
                 "has_statistics": sae.has_statistics,
+                "has_catalogue": sae.id in state.catalogues,
             }
             for sae in saes
         ],
@@ -116,6 +119,8 @@ async def list_saes(raw_request: Request) -> dict:
 async def _serve(
     request: SteeredRequest, raw_request: Request, key: KeyPolicy | None, vllm_route: VLLMRoute, sequences: int
 ) -> Response | None:
+    if (refusal := lifecycle(raw_request).refusal()) is not None:
+        return refusal  # draining or engine gone: 503
     state = steering_state(raw_request)
     if request.vllm_xargs and CONFIG_KEY in request.vllm_xargs:
         param = f"vllm_xargs.{CONFIG_KEY}"
@@ -139,7 +144,7 @@ async def _serve(
     _log(state, request, key, plan, status=200)
     _apply_preset(request, plan)
     if resolved is None:
-        return await vllm_route(request, raw_request)
+        return await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
     return await _serve_steered(request, raw_request, vllm_route, plan, lambda: state.gate.release(sequences))
 
 
@@ -152,7 +157,7 @@ async def _serve_steered(
     echo = {**resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
     try:
         _attach(request, resolved)
-        response = await vllm_route(request, raw_request)
+        response = await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
     except BaseException:
         release()
         raise

@@ -6,11 +6,21 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from prometheus_client import Gauge
+
+from features.catalogue import Catalogue
+from features.residuals import ResidualReader
 from features.sae import SAE, load_sae
+from server.limits import check_spec
 from server.policy import KeyPolicy, Policy, authorize
 from server.presets import Preset, PresetStore, parse_presets
 from server.settings import APISettings, SteeringSettings
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
+
+
+# Back to 0 whenever nothing steered is running: anything else is a leaked slot.
+STEERED_IN_FLIGHT = Gauge("steerserve_steered_in_flight", "Steered sequences admitted and not yet finished")
 
 
 class SteeringGate:
@@ -23,6 +33,7 @@ class SteeringGate:
         self.capacity = capacity
         self.in_flight = 0
         self._lock = threading.Lock()
+        STEERED_IN_FLIGHT.set_function(lambda: self.in_flight)
 
     def try_acquire(self, n: int) -> bool:
         with self._lock:
@@ -46,14 +57,26 @@ class Plan:
 
 
 class SteeringState:
-    def __init__(self, settings: SteeringSettings, api: APISettings, served_models: set[str]):
+    def __init__(self, settings: SteeringSettings, api: APISettings, served_models: set[str], model_dir: Path):
         self.settings = settings
         self.api = api
         self.saes: dict[str, SAE] = {e.id: load_sae(e.id, e.path) for e in settings.saes}
+        self.catalogues = {e.id: c for e in settings.saes if (c := Catalogue.load(Path(e.path))) is not None}
+        self.model_dir = model_dir
+        self._readers: dict[int, ResidualReader] = {}
+        self._readers_lock = threading.Lock()
         self.gate = SteeringGate(settings.max_steered_requests)
         self.served_models = served_models
         self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
         self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)
+
+    def reader(self, layer: int) -> ResidualReader:
+        """The served model, cut after `layer`, in this process (loaded on first use): feature
+        search by text reads residuals here rather than through the engine's batch."""
+        with self._readers_lock:
+            if layer not in self._readers:
+                self._readers[layer] = ResidualReader(self.model_dir, layer, torch.float32)
+            return self._readers[layer]
 
     def parse_presets(self, path: Path) -> dict[str, Preset]:
         return parse_presets(path, self.saes, self.served_models, self.settings.limits)
@@ -73,5 +96,7 @@ class SteeringState:
         expanded = preset.spec(spec) if preset is not None else spec
         raw = spec.features if spec is not None else []
         authorize(key, model, preset.name if preset else None, raw, expanded or SteeringSpec())
+        if expanded is not None:
+            check_spec(expanded, self.saes, self.settings.limits)
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
         return Plan(model=preset.model if preset else model, preset=preset, resolved=resolved)

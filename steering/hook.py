@@ -14,6 +14,11 @@ from torch import nn
 
 from features.sae import SAE, input_scale
 
+# Largest element a token's steering delta may have. Far above what steering can use (the default
+# model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
+# below what overflows float32 or bfloat16 in the next layer's RMSNorm (d_in squares summed).
+MAX_DELTA = 1e6
+
 
 class SAESteering(nn.Module):
     """Adds sum_k (c0 + c1 * f_k(x)) * d_k to each token's residual x, per its request's row."""
@@ -41,6 +46,7 @@ class SAESteering(nn.Module):
             self.register_buffer("b_enc", sae.b_enc.to(device), persistent=False)
         self.sae = sae
         self.model_dtype = dtype
+        self.max_delta = min(MAX_DELTA, torch.finfo(dtype).max / 8)  # and what a half-precision model can hold
 
     @torch.no_grad()
     def set_row(self, row: int, features: list[tuple[int, float, float]]) -> None:
@@ -81,7 +87,15 @@ class SAESteering(nn.Module):
             f = pre * (pre > self.threshold[slots]) if self.cfg.architecture == "jumprelu" else torch.relu(pre)
         coef = self.c0[slots] + self.c1[slots] * f
         # The reconstruction lives in the SAE's normalised space; map the delta back.
-        return torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale
+        delta = torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale
+        # The numerical guard. Extreme coefficients or statistics can make a delta inf or NaN; in
+        # the residual stream that turns this token's logits to NaN, and the NaN it writes into
+        # KV-cache blocks outlives the request and poisons later ones that reuse the blocks. So each
+        # token's delta is made finite (NaN -> 0) and, past `max_delta`, scaled down whole, keeping
+        # its direction. Rows whose delta is within bounds (all ordinary steering) are untouched.
+        delta = torch.nan_to_num(delta, nan=0.0)
+        peak = delta.abs().amax(dim=-1, keepdim=True)
+        return delta * (self.max_delta / peak).clamp(max=1.0)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steer a decoder layer's output in vLLM's fused-residual layout (stream = hidden + residual)."""

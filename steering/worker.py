@@ -10,6 +10,9 @@ It wraps three methods of the V1 model runner, each at the moment the data it ne
   `SamplingParams.extra_args`) and write the token -> row index in place;
 - `_on_request_state_removed`: free the row when the request finishes or is aborted.
 
+It also carries a fix for vLLM's CPU runner (`steering.seeded_sampling`): without it, a seeded
+request prefilled in chunks kills the engine.
+
 The plugin does nothing unless the engine was started with the steering config in
 `additional_config`, which is also part of vLLM's compile-cache hash: a graph compiled
 without these hooks can never be reused by a steering server.
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from features.sae import load_sae
+from steering import seeded_sampling
 from steering.hook import SAESteering
 from steering.spec import parse_wire
 
@@ -186,4 +190,5 @@ def register() -> None:
         if cls is GPUModelRunner:
             cls._prepare_inputs = _wrap_prepare_inputs(cls._prepare_inputs)
             cls._on_request_state_removed = _wrap_state_removed(cls._on_request_state_removed)
+            seeded_sampling.patch(cls)
         cls._steerserve_patched = True

@@ -1,0 +1,49 @@
+"""`steerserve features search|show`: an SAE's feature catalogue from the command line, with the
+same search the server's `GET /v1/saes/{sae}/features?q=` runs."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import textwrap
+from pathlib import Path
+
+from features.catalogue import Catalogue
+
+
+def run(args: argparse.Namespace) -> int:
+    catalogue = Catalogue.load(Path(args.sae))
+    if catalogue is None:
+        print(f"steerserve: {args.sae} has no feature catalogue")
+        return 2
+    if args.action == "search":
+        print_table(catalogue.search(args.query, args.limit))
+    else:
+        if not 0 <= args.index < len(catalogue.cards):
+            print(f"steerserve: index {args.index} out of range: 0 <= index < {len(catalogue.cards)}")
+            return 2
+        print_card(catalogue.card(args.index))
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("no matching features")
+        return
+    width = shutil.get_terminal_size((120, 20)).columns
+    print(f"{'index':>6}  {'score':>6}  {'density':>9}  {'max_act':>8}  label")
+    for r in rows:
+        line = f"{r['index']:>6}  {r['score']:>6}  {r['density']:>9.2e}  {r['max_act']:>8.2f}  {r['label']}"
+        print(line[:width])
+
+
+def print_card(card: dict) -> None:
+    q = card["quantiles"]
+    print(f"feature {card['index']}: {card['label']}")
+    print(f"  density {card['density']:.3e}  max_act {card['max_act']}  mean_act {card['mean_act']}  "
+          f"p50/p90/p99 {q['p50']}/{q['p90']}/{q['p99']}")  # fmt: skip
+    print(f"  promotes:   {' | '.join(card['promoted_tokens'])}")
+    print(f"  suppresses: {' | '.join(card['suppressed_tokens'])}")
+    print("  top contexts:")
+    for c in card["top_contexts"]:
+        print(textwrap.shorten(f"    {c['activation']:>7.2f}  {c['text']}", 160, placeholder=" ..."))

@@ -1,0 +1,363 @@
+"""Steering never leaks, never crashes the engine, and loses no request.
+
+These tests need a differently configured server than the session's: a KV cache small enough
+that a load preempts requests, an SAE with pathological statistics, room for hundreds of steered
+requests, and a server that may be SIGTERMed at the end of the module. One such server serves
+every test here but the engine-death one, which needs a server of its own to kill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+import torch
+from openai import OpenAI
+
+from benchmarks.servers import Server, stop_server
+from benchmarks.soak import engine_metrics
+from features.sae import save_sae
+from tests.conftest import PREFILL_CHUNK, start_steerserve
+from tests.helpers import chat_prompt_ids
+
+MODEL = "SmolLM2-135M-Instruct"
+BLOCK, BLOCKS = 32, 128  # 4096 tokens of KV cache: far less than the load below asks for
+DRAIN_S = 12  # --shutdown-timeout of the server here: far shorter than the long request below
+MAX_TOKENS = 16
+
+
+def _hot_sae(path, jr) -> str:
+    """jr's weights with pathological rows: feature 0's max_act makes 1000 max_act overflow float32
+    (1e40), feature 1's lands just under float32's max, features 2 and 3 have no usable direction."""
+    W_dec = jr.W_dec.clone()
+    W_dec[2] = 0.0
+    W_dec[3] = 1e-42  # its norm underflows float32 to 0
+    max_act = jr.max_act.clone()
+    max_act[0], max_act[1], max_act[4] = 1e37, 3e35, 3e35
+    cfg = json.loads((jr.path / "cfg.json").read_text())
+    weights = {"W_enc": jr.W_enc, "b_enc": jr.b_enc, "W_dec": W_dec, "b_dec": jr.b_dec, "threshold": jr.threshold}
+    return str(save_sae(path, cfg, weights, max_act=max_act))
+
+
+def _start(tmp_path_factory, sae_dirs, name: str, extra: list[str]) -> Server:
+    logs = tmp_path_factory.mktemp(name)
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache")}
+    sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
+    # a small share of memory: these servers need little KV cache, and run beside the session's server
+    memory = ["--gpu-memory-utilization", "0.12"]
+    return start_steerserve([*sae_args, "--dtype", "float32", *memory, *extra], logs / "server.log", env)
+
+
+def _stop(server: Server) -> None:
+    if server.process.poll() is None:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def small_kv(tmp_path_factory, sae_dirs, saes):
+    hot = _hot_sae(tmp_path_factory.mktemp("hot") / "hot", saes["jr"])
+    server = _start(
+        tmp_path_factory, sae_dirs, "small-kv",
+        ["--sae", f"hot={hot}", "--max-model-len", "2048", "--max-num-seqs", "48", "--max-steered-requests", "256",
+         "--shutdown-timeout", str(DRAIN_S),
+         "--", "--max-num-batched-tokens", str(PREFILL_CHUNK), "--block-size", str(BLOCK),
+         "--num-gpu-blocks-override", str(BLOCKS)],
+    )  # fmt: skip
+    yield server
+    _stop(server)
+
+
+@pytest.fixture(scope="module")
+def small_client(small_kv) -> OpenAI:
+    return OpenAI(base_url=f"{small_kv.url}/v1", api_key="unused", max_retries=0, timeout=900)
+
+
+def _generate(client: OpenAI, ids: list[int], spec: dict | None, stream: bool = False, n: int = 1) -> list[list[int]]:
+    """Token ids of each of the n choices: greedy for one, seeded sampling for several (vLLM
+    refuses n > 1 with greedy), so every answer is reproducible."""
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"steering": spec} if spec else {})}
+    sampling = {"temperature": 0} if n == 1 else {"temperature": 1.0, "seed": 7}
+    kwargs = dict(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, n=n, extra_body=extra, **sampling)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    if stream:
+        for chunk in client.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                tokens[choice.index] += choice.token_ids or []
+    else:
+        for choice in client.completions.create(**kwargs).choices:
+            tokens[choice.index] = choice.token_ids
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. No leakage under load
+
+PREFIX = "You are a meticulous assistant. Answer carefully, in full sentences, and stay on the topic. " * 8
+SHORT = ["Name a fruit.", "What is two plus two?", "Say hello in French.", "List three colours."]
+SHARED = ["Describe a city at night.", "Describe a forest at dawn.", "Describe a storm at sea.", "Describe a quiet library."]
+STORY = "The old lighthouse keeper climbed the spiral stairs each evening, counting the steps as he went. " * 45
+LONG = [STORY + "Summarise the story.", STORY + "Who is the main character?"]
+SPECS: dict[str, dict | None] = {
+    "none": None,
+    "huge clamp": {"features": [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 1000, "unit": "max_act"}]},
+    "ablate": {"features": [{"sae": "topk", "index": i, "mode": "ablate"} for i in range(4)]},
+    "huge negative add": {"features": [{"sae": "relu", "index": 0, "mode": "add", "strength": -1000}]},
+    "scale": {"features": [{"sae": "jr", "index": 0, "mode": "scale", "strength": 40}]},
+    "24 features": {
+        "features": [
+            {"sae": ("jr", "topk")[i % 2], "index": i, "mode": ("add", "clamp")[i % 3 == 0], "strength": 3.0, "unit": "max_act"}
+            for i in range(24)
+        ]
+    },
+}
+# (stream, n) of each request of one (prompt, spec) pair
+VARIANTS = [(False, 1), (True, 1), (False, 2), (True, 1), (False, 1), (True, 2), (False, 1)]
+
+
+def test_no_leakage_under_load(small_kv, small_client, tokenizer):
+    """Hundreds of unsteered and variously steered greedy requests at once, over shared prefixes,
+    chunked prefills and a KV cache too small for them: every answer equals its answer alone."""
+    prompts = [chat_prompt_ids(tokenizer, t) for t in (*SHORT, *(PREFIX + q for q in SHARED), *LONG)]
+    assert min(len(p) for p in prompts[-len(LONG) :]) > 3 * PREFILL_CHUNK, "long prompts are prefilled in chunks"
+    steered = [name for name in SPECS if name != "none"]
+    pairs = [(p, name) for p in range(len(prompts)) for name in ("none", steered[p % 5], steered[(p + 2) % 5])]
+    solo = {(p, name, n): _generate(small_client, prompts[p], SPECS[name], n=n) for p, name in pairs for n in (1, 2)}
+    for p in range(len(prompts)):
+        assert any(solo[(p, name, 1)] != solo[(p, "none", 1)] for q, name in pairs if q == p and name != "none"), "steering bites"
+
+    jobs = [(p, name, stream, n) for p, name in pairs for stream, n in VARIANTS]
+    random.Random(0).shuffle(jobs)
+    assert len(jobs) >= 200
+    before = engine_metrics(small_kv.url)
+    with ThreadPoolExecutor(96) as pool:
+        futures = [pool.submit(_generate, small_client, prompts[p], SPECS[name], stream, n) for p, name, stream, n in jobs]
+        results = [f.result() for f in futures]
+    after = engine_metrics(small_kv.url)
+
+    assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"], "the KV cache ran short"
+    assert after["vllm:prefix_cache_hits_total"] > before["vllm:prefix_cache_hits_total"], "prefix caching was used"
+    wrong = [
+        (p, name, stream, n)
+        for (p, name, stream, n), choices in zip(jobs, results)
+        if choices != solo[(p, name, n)]
+    ]
+    assert not wrong, f"{len(wrong)} of {len(jobs)} answers differ from their answer alone, e.g. {wrong[:5]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Numerical safety: the hook bounds every delta (steering/hook.py), validation refuses what
+#    is known bad up front (steering/spec.py, server/limits.py)
+
+EXTREMES = {
+    "coefficient past float32 (1e40 raw)": [{"sae": "hot", "index": 0, "mode": "add", "strength": 1000, "unit": "max_act"}],
+    "scale mode past float32": [{"sae": "hot", "index": 0, "mode": "scale", "strength": 1000, "unit": "max_act"}],
+    "two near float32's max": [
+        {"sae": "hot", "index": 1, "mode": "clamp", "strength": 1000, "unit": "max_act"},
+        {"sae": "hot", "index": 4, "mode": "add", "strength": -1000, "unit": "max_act"},
+    ],
+    "64 features at the cap on one token": [
+        {"sae": "jr", "index": i, "mode": "clamp", "strength": (-1000, 1000)[i % 2], "unit": "max_act"} for i in range(64)
+    ],
+    "tiny": [{"sae": "topk", "index": 0, "mode": "add", "strength": 1e-30}],
+}
+REFUSED = {
+    "scale takes a strength past the cap": ({"scale": 1e300, "features": [{"sae": "jr", "index": 0, "strength": 5}]}, "steering.scale"),
+    "norm on a zero direction": ({"features": [{"sae": "hot", "index": 2, "unit": "norm", "strength": 1}]}, "steering.features[0].unit"),
+    "norm on a direction that underflows": (
+        {"features": [{"sae": "hot", "index": 3, "unit": "norm", "strength": 1}]}, "steering.features[0].unit",
+    ),
+    "strength past the cap": ({"features": [{"sae": "jr", "index": 0, "strength": -1e9}]}, "steering.features[0].strength"),
+}  # fmt: skip
+
+
+def _complete(server: Server, prompt: str, steering: list[dict] | dict | None) -> httpx.Response:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    if steering is not None:
+        body["steering"] = steering if isinstance(steering, dict) else {"features": steering}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
+
+
+def _tokens_and_logprobs(response: httpx.Response) -> tuple[list[str], list[float]]:
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    return logprobs["tokens"], logprobs["token_logprobs"]
+
+
+def test_extreme_steering_completes_or_is_refused_and_batchmates_are_unaffected(small_kv):
+    plain = ["The capital of France is", "Once upon a time", "def add(a, b):"]
+    alone = [_tokens_and_logprobs(_complete(small_kv, p, None)) for p in plain]
+    with ThreadPoolExecutor(16) as pool:
+        extreme = {name: pool.submit(_complete, small_kv, plain[0], spec) for name, spec in EXTREMES.items()}
+        batchmates = [pool.submit(_complete, small_kv, p, None) for p in plain * 2]
+        for name, future in extreme.items():
+            tokens, logprobs = _tokens_and_logprobs(future.result())
+            assert len(tokens) == 12 and all(math.isfinite(x) for x in logprobs), name
+        for n, future in enumerate(batchmates):
+            assert _tokens_and_logprobs(future.result())[0] == alone[n % len(plain)][0]
+    # and nothing non-finite was left in KV-cache blocks that later requests reuse
+    assert [_tokens_and_logprobs(_complete(small_kv, p, None)) for p in plain] == alone
+    for name, (spec, param) in REFUSED.items():
+        response = _complete(small_kv, plain[0], spec)
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["error"]["param"] == param, name
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A client that goes away aborts its request in the engine
+
+
+def _wait_for(server: Server, predicate, timeout: float, what: str, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate(metrics := engine_metrics(server.url)):
+        shown = {k: v for k, v in metrics.items() if k.startswith(("vllm:num_requests", "vllm:kv_cache", "steerserve_steered"))}
+        assert time.monotonic() < deadline, f"{what} within {timeout}s; metrics: {shown}"
+        time.sleep(poll_s)
+
+
+def _in_engine(metrics: dict[str, float]) -> float:
+    return metrics["vllm:num_requests_running"] + metrics["vllm:num_requests_waiting"]
+
+
+def test_disconnected_clients_abort_their_requests(small_kv):
+    """Streams closed mid-way and a whole-response request given up on: each would run for
+    minutes more (1900 tokens), so the engine's running count dropping to 0 at once means they
+    were aborted, their KV blocks and steering slots freed."""
+    long = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 1900, "ignore_eos": True}
+    steer = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 2, "unit": "max_act"}]}
+    clients, open_streams = [], []
+    try:
+        for i in range(6):
+            client = httpx.Client(timeout=300)
+            clients.append(client)
+            body = {**long, "stream": True, **({"steering": steer} if i % 2 else {})}
+            stream = client.send(client.build_request("POST", f"{small_kv.url}/v1/completions", json=body), stream=True)
+            lines = stream.iter_lines()  # held: a dropped iterator would close the stream here and now
+            assert stream.status_code == 200 and next(lines).startswith("data:")
+            open_streams.append(lines)
+        # 6 x 1900 tokens overflow this KV cache, so on a slow machine the first streams may already
+        # have preempted others: they count as waiting, and must be aborted all the same
+        _wait_for(small_kv, lambda m: _in_engine(m) >= 6 and m["steerserve_steered_in_flight"] == 3, 120, "6 in the engine")
+    finally:
+        for client in clients:
+            client.close()
+    with pytest.raises(httpx.ReadTimeout):  # a whole-response request whose client stops waiting
+        httpx.post(f"{small_kv.url}/v1/completions", json={**long, "steering": steer}, timeout=5)
+    _wait_for(
+        small_kv,
+        lambda m: _in_engine(m) == 0 and m["vllm:kv_cache_usage_perc"] == 0
+        and m["steerserve_steered_in_flight"] == 0,
+        30,
+        "every request aborted and its blocks freed",
+    )
+    assert _complete(small_kv, "Name a fruit.", steer["features"]).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Shutdown: readiness flips, in-flight requests drain, exit 0 (last: it stops the server)
+
+
+SHORT_TOKENS = 120  # a few seconds of decoding: in flight when SIGTERM comes, done well within the drain
+
+
+def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
+    results: dict[str, object] = {}
+
+    def request(name: str, max_tokens: int, stream: bool) -> None:
+        body = {"model": MODEL, "prompt": f"Tell me about {name}.", "max_tokens": max_tokens, "ignore_eos": True,
+                "stream": stream, "steering": {"features": [{"sae": "jr", "index": 0, "strength": 1, "unit": "max_act"}]}}  # fmt: skip
+        try:
+            with httpx.stream("POST", f"{small_kv.url}/v1/completions", json=body, timeout=300) as response:
+                results[name] = (response.status_code, response.read().decode())
+        except httpx.HTTPError as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=request, args=args)
+        for args in (("owls", SHORT_TOKENS, False), ("rivers", SHORT_TOKENS, True), ("everything", 1900, False))
+    ]
+    for thread in threads:
+        thread.start()
+    # All three running in the engine: a window of only the short requests' few seconds on a fast
+    # machine (CI once missed it polling every 0.5 s, and the long request then finished), so poll fast.
+    try:
+        _wait_for(
+            small_kv,
+            lambda m: m["steerserve_steered_in_flight"] == 3 and m["vllm:num_requests_running"] == 3,
+            120, "all three in flight", poll_s=0.02,
+        )  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; answers: { {k: str(v)[:300] for k, v in results.items()} }") from None
+    signalled = time.monotonic()
+    small_kv.process.send_signal(signal.SIGTERM)  # the main process only, as a container runtime does
+    time.sleep(0.5)
+    assert httpx.get(f"{small_kv.url}/health").status_code == 503, "not ready once SIGTERM arrives"
+    refused = httpx.post(f"{small_kv.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "ServiceUnavailableError"
+    assert small_kv.process.wait(DRAIN_S + 60) == 0
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - signalled > DRAIN_S - 1, "the drain waited for the long request"
+    whole, streamed, cut = results["owls"], results["rivers"], results["everything"]
+    assert whole[0] == 200 and json.loads(whole[1])["usage"]["completion_tokens"] == SHORT_TOKENS, whole
+    assert streamed[0] == 200 and '"finish_reason":"length"' in streamed[1] and streamed[1].rstrip().endswith("[DONE]")
+    assert cut[0] == 503, f"a request past the drain timeout is answered, not left hanging: {cut}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Engine death: 503, then a non-zero exit
+
+
+@pytest.fixture
+def doomed(tmp_path_factory, sae_dirs):
+    # Eager mode: start-up without compiling, since what is tested is what happens after the engine is gone.
+    server = _start(tmp_path_factory, sae_dirs, "doomed", ["--enforce-eager"])
+    yield server
+    _stop(server)
+
+
+def test_engine_death_answers_503_and_exits_nonzero(doomed):
+    engine = next(p for p in psutil.Process(doomed.process.pid).children(recursive=True) if "EngineCore" in p.name())
+    result: list[httpx.Response] = []
+    body = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 1900, "ignore_eos": True}
+    thread = threading.Thread(target=lambda: result.append(httpx.post(f"{doomed.url}/v1/completions", json=body, timeout=300)))
+    thread.start()
+    _wait_for(doomed, lambda m: m["vllm:num_requests_running"] == 1, 120, "the request running")
+    engine.kill()
+    thread.join(120)
+    assert result and result[0].status_code == 503, result and result[0].text
+    assert result[0].json()["error"]["type"] == "ServiceUnavailableError"
+    assert doomed.process.wait(60) != 0, "a supervisor must see a failure and restart the server"
+    assert "the engine process died" in doomed.log_text()
+
+
+def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
+    """The hook's guard alone, on small tensors: extreme rows come out finite and bounded,
+    every other row exactly as without them."""
+    from steering.hook import MAX_DELTA, SAESteering
+    from tests.test_hook_math import D, make_sae
+
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    slots = torch.tensor([0, 1, 2, 3, 4, 4])
+    hook = SAESteering(sae, slots, 5, 4, torch.float32)
+    hook.set_row(1, [(0, float("inf"), 0.0)])  # add, inf
+    hook.set_row(2, [(1, 3e38, -1.0), (2, 3e38, -1.0), (3, -3e38, 0.0)])  # sums past float32
+    hook.set_row(3, [(4, 0.0, 1e39)])  # scale mode: inf * f, NaN where f = 0
+    hook.set_row(4, [(5, 2.0, 0.0)])  # ordinary
+    hidden, residual = torch.randn(6, D), torch.randn(6, D)
+    out, _ = hook(hidden, residual)
+    assert torch.isfinite(out).all()
+    assert (out - hidden)[1:4].abs().amax() <= MAX_DELTA
+    assert torch.equal(out[0], hidden[0])
+    for row in (1, 2, 3):
+        hook.set_row(row, [])
+    calm, _ = hook(hidden, residual)
+    assert torch.equal(out[[0, 4, 5]], calm[[0, 4, 5]])

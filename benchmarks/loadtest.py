@@ -125,13 +125,12 @@ def random_spec(saes: dict[str, int], features: int, modes: tuple[str, ...] = ("
     ids = sorted(saes)
 
     def make(rng: random.Random, n: int) -> dict:
-        chosen = []
-        for k in range(features):
-            sae = ids[k % len(ids)]
-            chosen.append(
-                {"sae": sae, "index": rng.randrange(saes[sae]), "mode": rng.choice(modes), "strength": round(rng.uniform(-8, 8), 3)}
-            )
-        return {"features": chosen}
+        per_sae = {sae: features // len(ids) + (k < features % len(ids)) for k, sae in enumerate(ids)}
+        # distinct features within a request: the server refuses a feature given twice
+        return {"features": [
+            {"sae": sae, "index": index, "mode": rng.choice(modes), "strength": round(rng.uniform(-2, 4), 3), "unit": "max_act"}
+            for sae, count in per_sae.items() for index in rng.sample(range(saes[sae]), count)
+        ]}  # fmt: skip
 
     return make
 

@@ -1,0 +1,10 @@
+"""Plain `vllm serve`: the same engine with no steerserve plugin loaded (the baseline)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ["VLLM_PLUGINS"] = ""  # an allowlist naming nothing: neither steerserve plugin loads
+    from server.cli import run_vllm_serve
+
+    run_vllm_serve(sys.argv[1:])

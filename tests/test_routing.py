@@ -1,0 +1,90 @@
+"""The worker's token -> row routing and row allocator, on a tiny stand-in model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
+from steering.worker import CONFIG_KEY, Steerer
+from tests.test_hook_math import make_sae
+
+
+class Layer(nn.Module):
+    def forward(self, h, r):
+        return h, r
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(5))
+        self.weight = nn.Parameter(torch.zeros(1))
+
+
+@pytest.fixture
+def steerer(tmp_path):
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    config = {"rows": 3, "width": 4, "saes": [{"id": "t", "path": str(sae.path)}]}
+    return Steerer(Model(), config, max_num_tokens=32, device=torch.device("cpu")), sae
+
+
+def request(sae, index: int | None):
+    if index is None:
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)])
+    wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))
+
+
+def test_rows_follow_the_batch_order_and_are_reused(steerer):
+    steerer, sae = steerer
+    reqs = {"a": request(sae, 1), "b": request(sae, None), "c": request(sae, 2)}
+    steerer.route(["a", "b", "c"], np.array([2, 3, 1]), reqs)
+    routed = steerer.slot_of_token[:6].tolist()
+    row_a, row_c = routed[0], routed[5]
+    assert routed == [row_a, row_a, 0, 0, 0, row_c] and {row_a, row_c} == {1, 2}
+    assert steerer.hooks["t"].feature[row_a, 0] == 1 and steerer.hooks["t"].feature[row_c, 0] == 2
+    # reordered batch, fewer tokens: the stale tail is cleared
+    steerer.route(["c", "a"], np.array([1, 1]), reqs)
+    assert steerer.slot_of_token[:8].tolist() == [row_c, row_a, 0, 0, 0, 0, 0, 0]
+    steerer.release("a")
+    reqs["d"] = request(sae, 3)
+    with pytest.raises(RuntimeError, match="exhausted"):
+        steerer.route(["c", "d", "e"], np.array([1, 1, 1]), {**reqs, "e": request(sae, 4)})
+    steerer.route(["d"], np.array([1]), reqs)
+    assert steerer.slot_of_token[0] == row_a, "a finished request's row goes to the next steered one"
+    assert steerer.hooks["t"].feature[row_a, 0] == 3
+
+
+def test_hook_is_installed_on_the_sae_layer(steerer):
+    _, sae = steerer
+    model = Model()
+    fresh = Steerer(model, {"rows": 2, "width": 1, "saes": [{"id": "t", "path": str(sae.path)}]}, 8, torch.device("cpu"))
+    assert model.layers[sae.cfg.layer].steerserve_0 is fresh.hooks["t"]
+    fresh.route(["x"], np.array([4]), {"x": request(sae, 0)})
+    h, r = torch.randn(4, sae.cfg.d_in), torch.zeros(4, sae.cfg.d_in)
+    out, _ = model.layers[sae.cfg.layer](h, r)
+    torch.testing.assert_close(out, h + sae.W_dec[0])
+
+
+def test_tensor_parallel_ranks_steer_identically(tmp_path):
+    """Under tensor parallelism every rank holds the full residual after a layer and sees the same
+    scheduler output; each rank must then pick the same rows and apply the same delta."""
+    sae = make_sae(tmp_path, "topk", "constant_norm_rescale")
+    config = {"rows": 4, "width": 2, "saes": [{"id": "t", "path": str(sae.path)}]}
+    ranks = [Steerer(Model(), config, 16, torch.device("cpu")) for _ in range(2)]
+    reqs = {name: request(sae, i) for i, name in enumerate("abcde")}
+    steps = [(["a", "b"], [3, 2], []), (["b", "c", "a"], [1, 4, 1], []), (["c", "d"], [1, 1], ["a", "b"]), (["e", "d", "c"], [2, 1, 1], [])]
+    x = torch.randn(16, sae.cfg.d_in)
+    for batch, tokens, finished in steps:
+        for rank in ranks:
+            for req_id in finished:
+                rank.release(req_id)
+            rank.route(batch, np.array(tokens), reqs)
+        assert torch.equal(ranks[0].slot_of_token, ranks[1].slot_of_token)
+        assert torch.equal(ranks[0].hooks["t"].delta(x), ranks[1].hooks["t"].delta(x))

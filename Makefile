@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench
+.PHONY: setup serve test bench demo sae
 
 setup: $(STAMP)
 
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	touch $@
 
 serve: setup
-	$(BIN)/steerserve serve
+	$(BIN)/steerserve serve --presets server/presets.example.yaml
 
 test: setup
 	$(BIN)/pytest -v
+
+# The load test and its budgets (benchmarks/README.md); under 20 minutes on the CPU default.
+bench: setup
+	$(BIN)/python -m benchmarks
+
+# Clamping default-SAE features over 30 neutral prompts (benchmarks/results/steering_demo.md).
+demo: setup
+	$(BIN)/python -m benchmarks.steering_demo
+
+# Rebuild the default SAE, its statistics, catalogue and quality report (features/default/).
+sae: setup
+	$(BIN)/python -m features.build

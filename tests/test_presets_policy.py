@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -260,3 +261,14 @@ def test_presets_cli(tmp_path, sae_dirs, presets_file):
     changed.write_text(PRESETS.replace("scale: 0.5", "scale: 0.75"))
     diff = subprocess.run([*cli, "diff", str(presets_file), str(changed)], capture_output=True, text=True)
     assert diff.returncode == 1 and "~ test-mix.scale: 0.5 -> 0.75" in diff.stdout
+
+
+def test_example_presets_file_is_valid():
+    """The presets file `make serve` loads checks out against the default model and its SAE."""
+    example = Path(__file__).parents[1] / "server" / "presets.example.yaml"
+    out = subprocess.run([sys.executable, "-m", "server.cli", "presets", "check", str(example)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    names = re.findall(r"^  - name: (\S+)$", example.read_text(), re.MULTILINE)
+    assert names, "the example file names its presets"
+    assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == names
+    assert out.stdout.strip().endswith(f"{len(names)} preset(s) valid")

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body accepted (413 above)"
     )
+    serve.add_argument(
+        "--keep-alive",
+        type=int,
+        default=65,
+        help="seconds an idle client connection stays open (vLLM's 5 s races clients that keep theirs 5 s)",
+    )
     serve.add_argument("--enforce-eager", action="store_true", help="disable torch.compile (steering works either way)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after '--': passed to vLLM unchanged")
 
@@ -156,6 +162,10 @@ def serve(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     os.environ["VLLM_PLUGINS"] = PLUGINS
     os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
+    # httpx, and so the openai SDK, reuses a connection idle for up to 5 s, and uvicorn (at vLLM's
+    # default) closes it after 5 s: a request sent in that instant meets a closed socket and fails
+    # with "Server disconnected". A server must outlast its clients' keep-alive, as proxies do.
+    os.environ["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(args.keep_alive)
     # steerserve hooks the V1 model runner; vLLM picks its V2 runner by default where Triton exists.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     _announce_when_ready(args.host, args.port, name)

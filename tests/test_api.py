@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from urllib.parse import urlsplit
+
 import httpx
 
 from tests.conftest import ADMIN, PREFILL_CHUNK
@@ -32,6 +36,19 @@ def test_health_models_and_saes(server, client, model_name, saes):
     }
     assert by_id["relu"]["has_statistics"] is False
     assert by_id["topk"]["architecture"] == "topk"
+
+
+def test_idle_connection_outlives_client_keep_alive(server):
+    """A connection idle for longer than httpx's (the openai SDK's) 5 s keep-alive still answers:
+    the server must not be the side that closes it first, or a reused connection can fail."""
+    url = urlsplit(server.url)
+    request = f"GET /health HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the server closed the idle connection"
 
 
 def test_chat_completion_echoes_resolved_steering(client, model_name, saes):

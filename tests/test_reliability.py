@@ -31,7 +31,7 @@ from tests.helpers import chat_prompt_ids
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK, BLOCKS = 32, 128  # 4096 tokens of KV cache: far less than the load below asks for
-DRAIN_S = 12  # --shutdown-timeout of the server here: far shorter than the long request below
+DRAIN_S = 20  # --shutdown-timeout of the server here: far shorter than the long request below
 MAX_TOKENS = 16
 
 
@@ -265,37 +265,42 @@ def test_disconnected_clients_abort_their_requests(small_kv):
 # 4. Shutdown: readiness flips, in-flight requests drain, exit 0 (last: it stops the server)
 
 
-SHORT_TOKENS = 120  # a few seconds of decoding: in flight when SIGTERM comes, done well within the drain
+SHORT_TOKENS = 160  # several seconds of decoding: in flight when SIGTERM comes, done well within the drain
+LONG_TOKENS = 2000  # most of --max-model-len: still decoding when the drain runs out
 
 
 def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
     results: dict[str, object] = {}
+    streaming = threading.Event()  # the streamed request has sent its first token
 
     def request(name: str, max_tokens: int, stream: bool) -> None:
         body = {"model": MODEL, "prompt": f"Tell me about {name}.", "max_tokens": max_tokens, "ignore_eos": True,
                 "stream": stream, "steering": {"features": [{"sae": "jr", "index": 0, "strength": 1, "unit": "max_act"}]}}  # fmt: skip
         try:
             with httpx.stream("POST", f"{small_kv.url}/v1/completions", json=body, timeout=300) as response:
-                results[name] = (response.status_code, response.read().decode())
+                text = ""
+                for piece in response.iter_text():
+                    text += piece
+                    if stream:
+                        streaming.set()
+                results[name] = (response.status_code, text)
         except httpx.HTTPError as exc:
             results[name] = exc
 
-    threads = [
-        threading.Thread(target=request, args=args)
-        for args in (("owls", SHORT_TOKENS, False), ("rivers", SHORT_TOKENS, True), ("everything", 1900, False))
-    ]
-    for thread in threads:
+    def launch(*args) -> threading.Thread:
+        thread = threading.Thread(target=request, args=args)
         thread.start()
-    # All three running in the engine: a window of only the short requests' few seconds on a fast
-    # machine (CI once missed it polling every 0.5 s, and the long request then finished), so poll fast.
-    try:
-        _wait_for(
-            small_kv,
-            lambda m: m["steerserve_steered_in_flight"] == 3 and m["vllm:num_requests_running"] == 3,
-            120, "all three in flight", poll_s=0.02,
-        )  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; answers: { {k: str(v)[:300] for k, v in results.items()} }") from None
+        return thread
+
+    # The long request first, then the two short ones once it runs; SIGTERM goes out once the
+    # stream has begun and all three are admitted. Each step waits on an event that lasts for
+    # seconds, never on a short window a slow poll could miss.
+    threads = [launch("everything", LONG_TOKENS, False)]
+    _wait_for(small_kv, lambda m: m["vllm:num_requests_running"] == 1, 120, "the long request running")
+    threads += [launch("owls", SHORT_TOKENS, False), launch("rivers", SHORT_TOKENS, True)]
+    assert streaming.wait(120), f"the stream began within 120s; answers: {results}"
+    _wait_for(small_kv, lambda m: m["steerserve_steered_in_flight"] == 3, 30, "all three admitted", poll_s=0.02)
+    assert not results, f"SIGTERM must find all three in flight, but some had finished: {results}"
     signalled = time.monotonic()
     small_kv.process.send_signal(signal.SIGTERM)  # the main process only, as a container runtime does
     time.sleep(0.5)
@@ -308,7 +313,9 @@ def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
     assert time.monotonic() - signalled > DRAIN_S - 1, "the drain waited for the long request"
     whole, streamed, cut = results["owls"], results["rivers"], results["everything"]
     assert whole[0] == 200 and json.loads(whole[1])["usage"]["completion_tokens"] == SHORT_TOKENS, whole
-    assert streamed[0] == 200 and '"finish_reason":"length"' in streamed[1] and streamed[1].rstrip().endswith("[DONE]")
+    events = [line.removeprefix("data: ") for line in streamed[1].splitlines() if line.startswith("data: ")]
+    assert streamed[0] == 200 and events[-1] == "[DONE]", streamed
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", "the stream ran to its end"
     assert cut[0] == 503, f"a request past the drain timeout is answered, not left hanging: {cut}"
 
 

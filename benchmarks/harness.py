@@ -31,6 +31,7 @@ PROMPTS = [
 MODEL = "SmolLM2-135M-Instruct"
 D_SAE = 16384
 MAX_TOKENS = 64
+KV_CACHE_GIB = 1.5  # per engine: ~70k bfloat16 tokens, several times what c=128 holds
 T = TypeVar("T")
 
 
@@ -57,14 +58,15 @@ def start_targets(logs: Path, saes: dict[str, tuple[Path, int]], with_hf: bool) 
     transformers-hooks baseline: all on the same checkpoint, keyed by the name reports use."""
     model = ensure_default_model()
     sae_args = [a for sae_id, (p, _) in saes.items() for a in ("--sae", f"{sae_id}={p}")]
-    # Up to four engines side by side: each may take 15% of the machine's memory for its KV cache.
-    common = ["--gpu-memory-utilization", "0.15", "--max-model-len", "4096", "--max-num-seqs", "256"]
+    # Up to four engines side by side, each with the same KV cache (far more than the load needs).
+    common = ["--max-model-len", "4096", "--max-num-seqs", "256"]
+    kv = ["--kv-cache-gib", str(KV_CACHE_GIB)]
     py = sys.executable
     commands = {
-        "steerserve": [py, "-m", "server.cli", "serve", *common, *sae_args],
-        "steerserve, no SAE": [py, "-m", "server.cli", "serve", *common, "--no-default-sae"],
+        "steerserve": [py, "-m", "server.cli", "serve", *common, *kv, *sae_args],
+        "steerserve, no SAE": [py, "-m", "server.cli", "serve", *common, *kv, "--no-default-sae"],
         "plain vLLM": [py, "-m", "benchmarks.plain_vllm", "--model", str(model), "--served-model-name", MODEL,
-                       "--enable-prefix-caching", *common],
+                       "--enable-prefix-caching", "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)), *common],
     }  # fmt: skip
     if with_hf:
         commands["hf hooks"] = [py, "-m", "benchmarks.hf_server", "--model", str(model), *sae_args]

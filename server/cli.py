@@ -20,6 +20,7 @@ from features.sae import DEFAULT_SAE, WEIGHTS_FILE
 from server.limits import DEFAULT_MAX_BODY, MAX_BODY_ENV
 
 PLUGINS = "steerserve_worker,steerserve_api"  # entry-point names in pyproject.toml
+CPU_KV_CACHE_GIB = 2.0  # ~90k bfloat16 tokens of the default model
 
 
 def _sae_arg(value: str) -> tuple[str, str]:
@@ -42,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
-        "--gpu-memory-utilization",
+        "--kv-cache-gib",
         type=float,
-        default=0.3,
-        help="share of device memory vLLM reserves (on CPU: of the memory vLLM sees on the NUMA node, "
-        "which must also hold the worker itself; vLLM's 0.92 fails on a 24 GiB machine)",
+        help=f"KV cache size in GiB (default on CPU: {CPU_KV_CACHE_GIB:g}; on GPUs vLLM sizes it from "
+        "--gpu-memory-utilization)",
     )
+    serve.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use (vLLM's default)")
     serve.add_argument("--dtype", default="auto", help="model dtype (auto: vLLM's choice, bfloat16 on most CPUs)")
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM runs in one batch")
@@ -150,7 +151,7 @@ def serve(args: argparse.Namespace) -> None:
         "--served-model-name", name,
         "--host", args.host,
         "--port", str(args.port),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        *memory_args(args),
         "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(args.max_num_seqs),
         "--dtype", args.dtype,
@@ -175,6 +176,22 @@ def serve(args: argparse.Namespace) -> None:
     # so a supervisor restarts the server.
     if Lifecycle.current is not None and Lifecycle.current.engine_died():
         sys.exit("steerserve: the engine process died; exiting")
+
+
+def memory_args(args: argparse.Namespace) -> list[str]:
+    """vLLM's memory flags. On CPU the KV cache gets an explicit size: there vLLM reads
+    --gpu-memory-utilization as a share of one NUMA node's memory as the kernel reports it, which
+    differs between otherwise equal machines (9 of 24 GiB on some VMs here) and then leaves no
+    room for the KV cache at all."""
+    from vllm.platforms import current_platform
+
+    kv_gib = args.kv_cache_gib
+    if kv_gib is None and current_platform.is_cpu():
+        kv_gib = CPU_KV_CACHE_GIB
+    flags = ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))] if kv_gib is not None else []
+    if args.gpu_memory_utilization is not None:
+        flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return flags
 
 
 def run_vllm_serve(argv: list[str]) -> None:

@@ -52,8 +52,7 @@ def _start(tmp_path_factory, sae_dirs, name: str, extra: list[str]) -> Server:
     logs = tmp_path_factory.mktemp(name)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache")}
     sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
-    # a small share of memory: these servers need little KV cache, and run beside the session's server
-    memory = ["--gpu-memory-utilization", "0.12"]
+    memory = ["--kv-cache-gib", "0.25"]  # these servers need little KV cache, and run beside the session's server
     return start_steerserve([*sae_args, "--dtype", "float32", *memory, *extra], logs / "server.log", env)
 
 

@@ -100,3 +100,11 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int, interventions: lis
             pad_token_id=0,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+@torch.no_grad()
+def next_token_logprobs(model, token_ids: list[int], interventions: list[Intervention] = ()) -> torch.Tensor:
+    """Log-probabilities of the token after `token_ids`, steered at every position."""
+    with steering_hooks(model, list(interventions)):
+        logits = model(torch.tensor([token_ids])).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1)

@@ -11,6 +11,7 @@ import asyncio
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +36,7 @@ class Result:
     concurrency: int
     requests: int
     errors: int
+    error_kinds: dict[str, int]  # "ExceptionType: message" -> count
     wall_s: float
     output_tokens: int
     output_tok_s: float
@@ -74,7 +76,7 @@ async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, st
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     if not stamps:
-        raise RuntimeError("no tokens streamed")
+        raise RuntimeError(f"no text streamed ({tokens} tokens)")
     ttft = (stamps[0] - start) * 1000
     itl = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
     return ttft, itl, tokens
@@ -87,15 +89,16 @@ async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed
     gate = asyncio.Semaphore(scenario.concurrency)
     ttfts: list[float] = []
     itls: list[float] = []
-    tokens = errors = 0
+    tokens = 0
+    errors: Counter[str] = Counter()
 
     async def worker(prompt: str, spec: dict | None) -> None:
-        nonlocal tokens, errors
+        nonlocal tokens
         async with gate:
             try:
                 ttft, itl, n = await _one(client, model, prompt, scenario.max_tokens, spec)
-            except Exception:
-                errors += 1
+            except Exception as exc:
+                errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
                 return
             ttfts.append(ttft)
             itls.extend(itl)
@@ -109,11 +112,12 @@ async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed
         scenario=scenario.name,
         concurrency=scenario.concurrency,
         requests=scenario.requests,
-        errors=errors,
+        errors=errors.total(),
+        error_kinds=dict(errors),
         wall_s=round(wall, 2),
         output_tokens=tokens,
         output_tok_s=round(tokens / wall, 1),
-        req_s=round((scenario.requests - errors) / wall, 3),
+        req_s=round((scenario.requests - errors.total()) / wall, 3),
         ttft_ms=percentiles(ttfts),
         itl_ms=percentiles(itls),
         labels=scenario.labels,

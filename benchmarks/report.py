@@ -68,6 +68,14 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _failures(results: list[Result]) -> str:
+    lines = [
+        f"- {r.labels['target']}, {r.scenario}, c={r.concurrency}: {count} x {kind}"
+        for r in results for kind, count in r.error_kinds.items()
+    ]  # fmt: skip
+    return "\n\n## Failed requests\n\n" + "\n".join(lines) if lines else ""
+
+
 def _plots(out: Path, results: list[Result]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for scenario in ("unsteered", STEERED):
@@ -110,6 +118,7 @@ def write_report(out: Path, results: list[Result], machine: dict, seconds: float
         + "\n".join(f"- {d['ratio_of']}: {d['ratio']}" for d in summary["diagnostics"])
         + "\n\n## All runs\n\n"
         + _table(results)
+        + _failures(results)
         + "\n\n![throughput](throughput_vs_concurrency.png)\n![overhead](overhead_vs_features.png)\n"
     )
     _plots(out, results)

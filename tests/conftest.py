@@ -105,6 +105,19 @@ def start_steerserve(args: list[str], log: Path, env: dict[str, str]) -> Server:
     return start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args], port, log, env)
 
 
+def sae_args(sae_dirs: dict[str, Path]) -> list[str]:
+    return [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
+
+
+def start_side_server(tmp_path_factory, sae_dirs, name: str, extra: list[str], env: dict[str, str] | None = None) -> Server:
+    """A float32 steerserve with the test SAEs, its own compile cache and a small KV cache, for tests
+    that need a differently configured server beside the session's."""
+    logs = tmp_path_factory.mktemp(name)
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache"), **(env or {})}
+    args = [*sae_args(sae_dirs), "--dtype", "float32", "--kv-cache-gib", "0.25", *extra]
+    return start_steerserve(args, logs / "server.log", env)
+
+
 @pytest.fixture(scope="session")
 def presets_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("presets") / "presets.yaml"
@@ -114,11 +127,10 @@ def presets_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server_args(sae_dirs, presets_file, tmp_path_factory) -> list[str]:
-    sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
     policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text(POLICY)
     return [
-        *sae_args,
+        *sae_args(sae_dirs),
         "--presets", str(presets_file),
         "--policy", str(policy),
         "--api-key", ADMIN_KEY,

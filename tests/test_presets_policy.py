@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI, PermissionDeniedError
 
-from tests.conftest import ADMIN, PRESETS
+from tests.conftest import ADMIN, PRESETS, sae_args
 from tests.helpers import chat_prompt_ids, server_tokens
 
 CLAMP = [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 4.0, "unit": "max_act"}]
@@ -250,7 +250,7 @@ def test_bad_presets_or_policy_stop_startup(tmp_path, sae_dirs):
 
 def test_presets_cli(tmp_path, sae_dirs, presets_file):
     cli = [sys.executable, "-m", "server.cli", "presets"]
-    saes = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
+    saes = sae_args(sae_dirs)
     ok = subprocess.run([*cli, "check", str(presets_file), *saes], capture_output=True, text=True)
     assert ok.returncode == 0 and "2 preset(s) valid" in ok.stdout
     bad = tmp_path / "bad.yaml"

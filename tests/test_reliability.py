@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -26,7 +25,7 @@ from openai import OpenAI
 from benchmarks.servers import Server, stop_server
 from benchmarks.soak import engine_metrics
 from features.sae import save_sae
-from tests.conftest import PREFILL_CHUNK, start_steerserve
+from tests.conftest import PREFILL_CHUNK, start_side_server
 from tests.helpers import chat_prompt_ids
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -48,14 +47,6 @@ def _hot_sae(path, jr) -> str:
     return str(save_sae(path, cfg, weights, max_act=max_act))
 
 
-def _start(tmp_path_factory, sae_dirs, name: str, extra: list[str]) -> Server:
-    logs = tmp_path_factory.mktemp(name)
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache")}
-    sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
-    memory = ["--kv-cache-gib", "0.25"]  # these servers need little KV cache, and run beside the session's server
-    return start_steerserve([*sae_args, "--dtype", "float32", *memory, *extra], logs / "server.log", env)
-
-
 def _stop(server: Server) -> None:
     if server.process.poll() is None:
         stop_server(server)
@@ -64,7 +55,7 @@ def _stop(server: Server) -> None:
 @pytest.fixture(scope="module")
 def small_kv(tmp_path_factory, sae_dirs, saes):
     hot = _hot_sae(tmp_path_factory.mktemp("hot") / "hot", saes["jr"])
-    server = _start(
+    server = start_side_server(
         tmp_path_factory, sae_dirs, "small-kv",
         ["--sae", f"hot={hot}", "--max-model-len", "2048", "--max-num-seqs", "48", "--max-steered-requests", "256",
          "--shutdown-timeout", str(DRAIN_S),
@@ -325,7 +316,7 @@ def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
 @pytest.fixture
 def doomed(tmp_path_factory, sae_dirs):
     # Eager mode: start-up without compiling, since what is tested is what happens after the engine is gone.
-    server = _start(tmp_path_factory, sae_dirs, "doomed", ["--enforce-eager"])
+    server = start_side_server(tmp_path_factory, sae_dirs, "doomed", ["--enforce-eager"])
     yield server
     _stop(server)
 

@@ -12,14 +12,13 @@ are compared with the transformers reference run on the same context (teacher fo
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from openai import OpenAI
 
 from benchmarks.servers import Server, stop_server
-from tests.conftest import start_steerserve
+from tests.conftest import start_side_server
 from tests.helpers import chat_prompt_ids, spec_and_reference
 from tests.reference import next_token_logprobs
 
@@ -37,15 +36,12 @@ STEER = [
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory, sae_dirs) -> Server:
-    logs = tmp_path_factory.mktemp("tp")
     # Three workers on two cores: vLLM's CPU backend binds each worker's OpenMP threads to the cores
     # named here, and refuses more workers than NUMA nodes otherwise.
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1|0", "VLLM_CACHE_ROOT": str(logs / "vllm-cache")}
-    sae_args = [a for sae_id, path in sae_dirs.items() for a in ("--sae", f"{sae_id}={path}")]
-    server = start_steerserve(
-        [*sae_args, "--dtype", "float32", "--kv-cache-gib", "0.25", "--enforce-eager", "--max-num-seqs", "16",
-         "--", "--tensor-parallel-size", str(TP)],
-        logs / "server.log", env,
+    server = start_side_server(
+        tmp_path_factory, sae_dirs, "tp",
+        ["--enforce-eager", "--max-num-seqs", "16", "--", "--tensor-parallel-size", str(TP)],
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"},
     )  # fmt: skip
     yield server
     stop_server(server)

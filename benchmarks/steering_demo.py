@@ -67,11 +67,8 @@ class Concept:
 
 
 CONCEPTS = [
-    # The default SAE has no Golden Gate Bridge feature (search "bridge" finds none); the closest it
-    # has fire on "San Francisco" and on "city" and "bridge" in text about the bridge, so this
-    # concept is the city, by name or as a city.
-    Concept("San Francisco / the city", ("san francisco", "city", "bridge"),
-            (r"san francisco", r"golden gate", r"\bbridges?\b", r"\bcity\b", r"\bcities\b", r"\bdowntown\b"),
+    Concept("the Golden Gate Bridge / San Francisco", ("golden gate", "bridge", "san francisco"),
+            (r"golden gate", r"\bbridges?\b", r"san francisco"),
             "The Golden Gate Bridge is a suspension bridge in San Francisco. Tourists walk across the bridge "
             "to see the bay, the fog and the city."),
     Concept("dogs", ("dog", "puppy"), (r"\bdogs?\b", r"\bpupp(y|ies)\b", r"\bcanine"),

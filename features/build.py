@@ -3,7 +3,8 @@
 Stages, each skipped when its output exists, so an interrupted build resumes:
 
   chats        the default model answers every topic x task prompt through steerserve
-               (committed as chats.jsonl.gz; only regenerated with --regenerate-chats)
+               (committed as chats.jsonl.gz; only prompts it lacks are written, unless
+               --regenerate-chats)
   corpus       chats + pinned Debian text packages, tokenized; held-out split; manifest
   activations  resid_post of LAYER for every training token, cached as bfloat16
   train        BatchTopK SAE, resumable checkpoints, fixed seed; exported as JumpReLU
@@ -34,7 +35,7 @@ from features.train import TrainConfig, Trainer, save_history_plot, write_json
 from server.default_model import ensure_default_model, home, sha256
 
 LAYER = 15  # the middle of SmolLM2-135M's 30 layers
-TRAIN_TOKENS = 4_000_000  # of the corpus's ~8M: what the residual cache and training take about an hour each for here
+TRAIN_TOKENS = 4_000_000  # of the corpus's ~8M: all of its chats, and the rest public text
 
 
 class Build:
@@ -53,26 +54,30 @@ class Build:
         return result
 
     def chats(self, path: Path, regenerate: bool) -> Path:
-        if regenerate or not path.exists():
-            corpus.generate_chats(path)
-        return path
+        return corpus.generate_chats(path, regenerate)
 
     def corpus(self, chats: Path, reader: ResidualReader) -> dict:
         manifest_path = self.work / "corpus" / "manifest.json"
         if not manifest_path.exists():
             manifest = corpus.build_corpus(chats, self.work / "downloads", self.work / "corpus", reader.tokenizer)
             write_json(manifest_path, manifest)
-        return json.loads(manifest_path.read_text())
+        self.manifest = json.loads(manifest_path.read_text())
+        return self.manifest
 
     def tokens(self, split: str) -> np.ndarray:
-        """A split's token stream; with --max-tokens, training uses that many tokens' worth of
-        windows spread evenly over the whole stream (every source keeps its share)."""
+        """A split's token stream. With --max-tokens, training reads the chats (the first source: the
+        text users steer) whole where the budget allows, and fills the rest with windows spread evenly
+        over the public text, so every public source keeps its share."""
         tokens = np.load(self.work / "corpus" / f"{split}.npy")
         if split != "train" or not self.max_tokens:
             return tokens
         all_windows = activations.windows(tokens)
-        keep = np.linspace(0, len(all_windows) - 1, min(len(all_windows), self.max_tokens // activations.CONTEXT)).astype(int)
-        return all_windows[keep].reshape(-1)
+        chats = self.manifest["sources"][0]
+        chat_windows = (chats["tokens"] - chats["heldout_tokens"]) // activations.CONTEXT
+        budget = min(len(all_windows), self.max_tokens // activations.CONTEXT)
+        chat = np.linspace(0, chat_windows - 1, min(chat_windows, budget)).astype(int)
+        public = np.linspace(chat_windows, len(all_windows) - 1, budget - len(chat)).astype(int)
+        return all_windows[np.concatenate([chat, public])].reshape(-1)
 
     def activations(self, reader: ResidualReader) -> np.ndarray:
         return activations.collect(reader, self.tokens("train"), self.work / "activations.npy", f"resid_post L{LAYER}")

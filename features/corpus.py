@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from features.topics import TASKS, TOPICS, prompts
+from features.topics import prompts
 
 DEBIAN = "http://deb.debian.org/debian/"
 HELD_OUT_EVERY = 50  # every 50th document is held out for the quality report
@@ -146,25 +146,35 @@ CHAT_MAX_TOKENS = 320
 CHAT_TEMPERATURE = 0.8
 
 
-def generate_chats(out: Path, concurrency: int = 128) -> Path:
-    """Start steerserve on the default model and have it answer every topic x task prompt."""
+def load_chats(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def generate_chats(out: Path, regenerate: bool = False, concurrency: int = 128) -> Path:
+    """Have the default model answer every prompt of `features.topics` through steerserve.
+    The answers `out` already holds are kept unless `regenerate`, so new prompts cost only their own."""
+    todo = prompts()
+    kept = {} if regenerate or not out.exists() else {c["prompt"]: c["reply"] for c in load_chats(out)}
+    missing = [p for p in todo if p not in kept]
+    if not missing:
+        return out
     from openai import AsyncOpenAI
 
     from benchmarks.servers import free_port, start_server, stop_server
 
     port = free_port()
     log = Path(tempfile.gettempdir()) / "steerserve-chats.log"
-    print(f"starting steerserve for the chats (log: {log})", file=sys.stderr)
+    print(f"starting steerserve for {len(missing)} chats (log: {log})", file=sys.stderr)
     server = start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], port, log)
-    todo = prompts(len(TOPICS) * len(TASKS))
 
-    async def run() -> list[dict]:
+    async def run() -> dict[str, str]:
         client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=3, timeout=1800)
         gate = asyncio.Semaphore(concurrency)
-        bar = tqdm(total=len(todo), desc="chats", unit="chat")
+        bar = tqdm(total=len(missing), desc="chats", unit="chat")
         written = [0]
 
-        async def one(n: int, prompt: str) -> dict:
+        async def one(prompt: str) -> str:
             async with gate:
                 reply = await client.chat.completions.create(
                     model="SmolLM2-135M-Instruct",
@@ -175,32 +185,30 @@ def generate_chats(out: Path, concurrency: int = 128) -> Path:
             written[0] += reply.usage.completion_tokens
             bar.update()
             bar.set_postfix(tokens=written[0])
-            return {"id": n, "prompt": prompt, "reply": reply.choices[0].message.content}
+            return reply.choices[0].message.content
 
-        chats = await asyncio.gather(*(one(i, p) for i, p in enumerate(todo)))
+        replies = await asyncio.gather(*(one(p) for p in missing))
         bar.close()
         await client.close()
-        return list(chats)
+        return dict(zip(missing, replies))
 
     try:
-        chats = asyncio.run(run())
+        kept.update(asyncio.run(run()))
     finally:
         stop_server(server)
     partial = out.with_suffix(".partial")
-    with gzip.open(partial, "wt") as f:
-        for chat in chats:
-            f.write(json.dumps(chat) + "\n")
+    with gzip.GzipFile(partial, "wb", mtime=0) as f:  # mtime 0: the same chats give the same bytes
+        for n, prompt in enumerate(todo):
+            f.write((json.dumps({"id": n, "prompt": prompt, "reply": kept[prompt]}) + "\n").encode())
     partial.rename(out)
     return out
 
 
 def _chats(path: Path, tokenizer) -> Iterator[str]:
     """Each chat rendered with the model's chat template, as the server renders requests."""
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            chat = json.loads(line)
-            messages = [{"role": "user", "content": chat["prompt"]}, {"role": "assistant", "content": chat["reply"]}]
-            yield tokenizer.apply_chat_template(messages, tokenize=False)
+    for chat in load_chats(path):
+        messages = [{"role": "user", "content": chat["prompt"]}, {"role": "assistant", "content": chat["reply"]}]
+        yield tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def build_corpus(chats: Path, downloads: Path, out: Path, tokenizer) -> dict:

@@ -67,6 +67,37 @@ TASKS = [
 ]
 
 
-def prompts(n: int) -> list[str]:
-    """The first `n` prompts: every topic with one task type, then every topic with the next, ..."""
-    return [TASKS[(i // len(TOPICS)) % len(TASKS)].format(t=TOPICS[i % len(TOPICS)]) for i in range(n)]
+# What the steering demo and the example presets steer, the Golden Gate Bridge above all, gets many
+# more chats: with 16 chats a topic, an SAE of 8k features found no bridge feature at all.
+FOCUS_TOPICS = [
+    "the Golden Gate Bridge", "San Francisco", "the Brooklyn Bridge", "suspension bridges", "bridges",
+    "famous bridges around the world", "the San Francisco Bay", "a walk across the Golden Gate Bridge",
+    "the Golden Gate Bridge in the fog", "how the Golden Gate Bridge was built", "the cable cars of San Francisco",
+    "a bridge over a river", "dogs", "puppies", "the ocean", "the sea", "music", "songs",
+]  # fmt: skip
+MORE_TASKS = [
+    "Write a haiku about {t}.",
+    "Write a diary entry about {t}.",
+    "Write a paragraph for a travel guide about {t}.",
+    "What would a curious child ask about {t}?",
+    "Write a short news report about {t}.",
+    "Write song lyrics about {t}.",
+    "Describe {t} to someone who has never seen it.",
+    "Write a letter to a friend about {t}.",
+    "List ten words that come to mind when you think of {t}.",
+    "Write a short speech celebrating {t}.",
+    "Tell me a legend about {t}.",
+    "Compare {t} with something similar.",
+    "Write a short advertisement about {t}.",
+    "What questions would a scientist ask about {t}?",
+    "Write a bedtime story about {t}.",
+    "Write a quiz with three questions about {t}.",
+]
+
+
+def prompts() -> list[str]:
+    """Every prompt, in a fixed order and each once: every topic with one task type, then every
+    topic with the next, ...; then the focus topics with every task type, old and new."""
+    ordered = [task.format(t=topic) for task in TASKS for topic in TOPICS]
+    ordered += [task.format(t=topic) for task in TASKS + MORE_TASKS for topic in FOCUS_TOPICS]
+    return list(dict.fromkeys(ordered))

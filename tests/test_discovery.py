@@ -24,7 +24,11 @@ def _get(server, path: str, **params) -> httpx.Response:
     return httpx.get(f"{server.url}{path}", params=params, headers=ADMIN, timeout=120)
 
 
-@pytest.mark.parametrize("query, words", [("san francisco", ("san", "francisco")), ("dog", ("dog",)), ("music", ("music",))])
+@pytest.mark.parametrize(
+    "query, words",
+    [("bridge", ("bridge",)), ("golden gate", ("golden", "gate")), ("san francisco", ("san", "francisco")),
+     ("dog", ("dog",)), ("ocean", ("ocean", "sea")), ("music", ("music",))],
+)  # fmt: skip
 def test_search_finds_features_about_the_query(server, query, words):
     response = _get(server, "/v1/saes/default/features", q=query, limit=5)
     assert response.status_code == 200

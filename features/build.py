@@ -38,6 +38,16 @@ LAYER = 15  # the middle of SmolLM2-135M's 30 layers
 TRAIN_TOKENS = 4_000_000  # of the corpus's ~8M: all of its chats, and the rest public text
 
 
+def training_windows(total: int, chat_windows: int, budget: int) -> np.ndarray:
+    """Which of `total` windows training reads, `budget` at most: the first `chat_windows` (the
+    chats) all where the budget allows, else spread evenly over them; the rest of the budget
+    spread evenly over the public text after them."""
+    budget = min(total, budget)
+    chat = np.linspace(0, chat_windows - 1, min(chat_windows, budget)).astype(int)
+    public = np.linspace(chat_windows, total - 1, min(budget - len(chat), total - chat_windows)).astype(int)
+    return np.concatenate([chat, public])
+
+
 class Build:
     def __init__(self, out: Path, work: Path, cfg: TrainConfig, max_tokens: int | None):
         self.out, self.work, self.cfg, self.max_tokens = out, work, cfg, max_tokens
@@ -74,10 +84,8 @@ class Build:
         all_windows = activations.windows(tokens)
         chats = self.manifest["sources"][0]
         chat_windows = (chats["tokens"] - chats["heldout_tokens"]) // activations.CONTEXT
-        budget = min(len(all_windows), self.max_tokens // activations.CONTEXT)
-        chat = np.linspace(0, chat_windows - 1, min(chat_windows, budget)).astype(int)
-        public = np.linspace(chat_windows, len(all_windows) - 1, budget - len(chat)).astype(int)
-        return all_windows[np.concatenate([chat, public])].reshape(-1)
+        keep = training_windows(len(all_windows), chat_windows, self.max_tokens // activations.CONTEXT)
+        return all_windows[keep].reshape(-1)
 
     def activations(self, reader: ResidualReader) -> np.ndarray:
         return activations.collect(reader, self.tokens("train"), self.work / "activations.npy", f"resid_post L{LAYER}")

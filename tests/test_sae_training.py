@@ -76,3 +76,16 @@ def test_jumprelu_export_folds_the_input_scale(tmp_path):
     # resuming from the checkpoint continues where training stopped
     resumed = Trainer(raw.view(torch.uint16).numpy(), TrainConfig(d_sae=64, k=4, batch=4096, warmup_steps=1), tmp_path)
     assert resumed.step == trainer.steps and np.isclose(resumed.threshold, trainer.threshold)
+
+
+def test_training_windows_read_every_chat_and_spread_the_rest():
+    from features.build import training_windows
+
+    keep = training_windows(total=100, chat_windows=30, budget=50)
+    assert list(keep[:30]) == list(range(30)), "every chat window, when the budget allows"
+    public = keep[30:]
+    assert len(public) == 20 and public[0] == 30 and public[-1] == 99 and len(set(public)) == 20
+    assert max(np.diff(public)) - min(np.diff(public)) <= 1, "public windows evenly spread"
+    small = training_windows(total=100, chat_windows=30, budget=10)
+    assert len(small) == 10 and small.max() < 30 and len(set(small)) == 10, "a small budget spreads over the chats"
+    assert list(training_windows(total=40, chat_windows=30, budget=500)) == list(range(40)), "never past the end"

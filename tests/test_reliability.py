@@ -29,7 +29,7 @@ from tests.conftest import PREFILL_CHUNK, start_side_server
 from tests.helpers import chat_prompt_ids
 
 MODEL = "SmolLM2-135M-Instruct"
-BLOCK, BLOCKS = 32, 128  # 4096 tokens of KV cache: far less than the load below asks for
+BLOCK, BLOCKS = 32, 160  # 5120 tokens of KV cache: far less than the load below asks for
 DRAIN_S = 20  # --shutdown-timeout of the server here: far shorter than the long request below
 MAX_TOKENS = 16
 
@@ -57,7 +57,7 @@ def small_kv(tmp_path_factory, sae_dirs, saes):
     hot = _hot_sae(tmp_path_factory.mktemp("hot") / "hot", saes["jr"])
     server = start_side_server(
         tmp_path_factory, sae_dirs, "small-kv",
-        ["--sae", f"hot={hot}", "--max-model-len", "2048", "--max-num-seqs", "48", "--max-steered-requests", "256",
+        ["--sae", f"hot={hot}", "--max-model-len", "4096", "--max-num-seqs", "48", "--max-steered-requests", "256",
          "--shutdown-timeout", str(DRAIN_S),
          "--", "--max-num-batched-tokens", str(PREFILL_CHUNK), "--block-size", str(BLOCK),
          "--num-gpu-blocks-override", str(BLOCKS)],
@@ -256,7 +256,10 @@ def test_disconnected_clients_abort_their_requests(small_kv):
 
 
 SHORT_TOKENS = 160  # several seconds of decoding: in flight when SIGTERM comes, done well within the drain
-LONG_TOKENS = 2000  # most of --max-model-len: still decoding when the drain runs out
+# most of --max-model-len, and of the KV cache beside the two short ones: still decoding when the
+# drain runs out, even where one sequence decodes at 100 tokens/s (a CI run once saw 2000 tokens,
+# the old length, finish before SIGTERM could go out)
+LONG_TOKENS = 4000
 
 
 def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):

@@ -5,8 +5,8 @@
   of interventions a spec can list;
 - errors Starlette raises itself (a body that is not JSON, nested too deep to parse, an unknown
   route) come back in OpenAI's error format like every other error;
-- a steering spec is checked for what steering/spec.py's resolution leaves open: a `scale` that
-  carries a strength past `--max-strength`, a feature steered twice, and unit `norm` on a feature
+- a steering spec is checked for what steering/spec.py's resolution leaves open: a `scale` or
+  `prompt_scale` that carries a strength past `--max-strength`, a feature steered twice, and unit `norm` on a feature
   whose decoder direction is zero (a division by zero there).
 """
 
@@ -93,11 +93,18 @@ def check_spec(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimi
                 where, f"feature {feature.sae}:{feature.index} is already steered by features[{seen[key]}]; give it once"
             )
         seen[key] = n
-        if abs(feature.strength) <= limits.max_strength < abs(feature.strength * spec.scale):
+        scaled = feature.strength * spec.scale
+        if abs(feature.strength) <= limits.max_strength < abs(scaled):
             raise SteeringError(
                 "steering.scale",
-                f"scale {spec.scale} takes features[{n}].strength to {feature.strength * spec.scale}; "
+                f"scale {spec.scale} takes features[{n}].strength to {scaled}; "
                 f"|strength x scale| must be at most {limits.max_strength}",
+            )
+        if abs(scaled) <= limits.max_strength < abs(scaled * spec.prompt_scale):
+            raise SteeringError(
+                "steering.prompt_scale",
+                f"prompt_scale {spec.prompt_scale} takes features[{n}].strength to {scaled * spec.prompt_scale} on the "
+                f"prompt; |strength x scale x prompt_scale| must be at most {limits.max_strength}",
             )
         sae = saes.get(feature.sae)
         if feature.unit == "norm" and sae is not None and feature.index < sae.cfg.d_sae:

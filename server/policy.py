@@ -119,10 +119,11 @@ def authorize(key: KeyPolicy | None, model: str, preset: str | None, raw: list[F
     for n, f in enumerate(spec.features):
         strength = f.strength * spec.scale
         cap = key.max_strength.get(f.unit)
-        if cap is not None and abs(strength) > cap:
+        strongest = strength * max(1.0, spec.prompt_scale)  # prompt_scale > 1 steers the prompt harder
+        if cap is not None and abs(strongest) > cap:
             raise PolicyDenied(
                 f"max_strength.{f.unit}",
-                f"key {key.name!r} caps |strength| in unit {f.unit!r} at {cap}; feature {n} asks {strength:g}",
+                f"key {key.name!r} caps |strength| in unit {f.unit!r} at {cap}; feature {n} asks {strongest:g}",
             )
         for p in key.protected:
             if (p.sae, p.index) == (f.sae, f.index) and (p.forbid == "any" or _negative(f.mode, strength)):

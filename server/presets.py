@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,13 +42,16 @@ class Preset(BaseModel):
     model: str
     features: list[FeatureIntervention] = Field(min_length=1)
     scale: FiniteFloat = 1.0
+    prompt_scale: Annotated[FiniteFloat, Field(ge=0)] = 1.0
     sampling: Sampling | None = None
 
     def spec(self, extra: SteeringSpec | None = None) -> SteeringSpec:
-        """The preset's steering, scaled, with a request's extra features and scale on top."""
+        """The preset's steering, scaled, with a request's extra features and scale on top; the
+        request's prompt_scale, where it sets one, replaces the preset's."""
         extra = extra or SteeringSpec()
         own = [f.model_copy(update={"strength": f.strength * self.scale}) for f in self.features]
-        return SteeringSpec(features=own + extra.features, scale=extra.scale)
+        prompt_scale = extra.prompt_scale if "prompt_scale" in extra.model_fields_set else self.prompt_scale
+        return SteeringSpec(features=own + extra.features, scale=extra.scale, prompt_scale=prompt_scale)
 
     def file_form(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

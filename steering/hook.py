@@ -1,8 +1,9 @@
 """The steering op at one SAE's hook point, fed by persistent tables.
 
 Routing is tensor content, never Python: `slot_of_token[t]` names the table row that
-token t reads (row 0 is all zeros: no steering), and row r holds up to K features of
-one request. Nothing here branches on data, allocates per step or leaves the device,
+token t reads (row 0 is all zeros: no steering), row r holds up to K features of
+one request, and `weight_of_token[t]` multiplies token t's delta (its request's
+prompt_scale on prompt tokens, else 1). Nothing here branches on data, allocates per step or leaves the device,
 so torch.compile traces it once and a CUDA graph can replay it while the runner
 rewrites the tables in place between steps.
 """
@@ -23,11 +24,23 @@ MAX_DELTA = 1e6
 class SAESteering(nn.Module):
     """Adds sum_k (c0 + c1 * f_k(x)) * d_k to each token's residual x, per its request's row."""
 
-    def __init__(self, sae: SAE, slot_of_token: torch.Tensor, rows: int, width: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        sae: SAE,
+        slot_of_token: torch.Tensor,
+        rows: int,
+        width: int,
+        dtype: torch.dtype,
+        weight_of_token: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.cfg = sae.cfg
         d_in, device = sae.cfg.d_in, slot_of_token.device
         self.slot_of_token = slot_of_token  # shared by every SAE; updated in place per step
+        # likewise; without it, every token is steered at full weight
+        self.weight_of_token = (
+            torch.ones(len(slot_of_token), device=device) if weight_of_token is None else weight_of_token
+        )
 
         def table(*shape: int) -> torch.Tensor:
             return torch.zeros(rows, width, *shape, dtype=torch.float32, device=device)
@@ -70,7 +83,7 @@ class SAESteering(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The steering delta [T, d_in] for residual vectors x [T, d_in]."""
-        slots = self.slot_of_token[: x.shape[0]]
+        slots, weights = self.slot_of_token[: x.shape[0]], self.weight_of_token[: x.shape[0], None]
         x = x.float()
         scale = input_scale(x, self.cfg)
         xin = x * scale
@@ -85,7 +98,7 @@ class SAESteering(nn.Module):
         else:
             pre = torch.einsum("td,tkd->tk", xin, self.enc[slots]) + self.enc_bias[slots]
             f = pre * (pre > self.threshold[slots]) if self.cfg.architecture == "jumprelu" else torch.relu(pre)
-        coef = self.c0[slots] + self.c1[slots] * f
+        coef = (self.c0[slots] + self.c1[slots] * f) * weights
         # The reconstruction lives in the SAE's normalised space; map the delta back.
         delta = torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale
         # The numerical guard. Extreme coefficients or statistics can make a delta inf or NaN; in

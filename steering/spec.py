@@ -10,6 +10,10 @@ feature i and d_i its decoder row:
 
 so the worker needs only (sae, index, c0, c1) per feature; units and the request-level
 `scale` are folded into s here, on the server, where the SAE statistics live.
+
+`prompt_scale` multiplies the whole delta on the prompt's tokens (chat history and template
+included) and leaves the tokens the model writes as they are: 0 steers only what the model
+writes; above 1, the prompt is read more strongly steered than the answer is written.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class SteeringSpec(BaseModel):
     preset: str | None = Field(default=None, description="a preset's steering, with `features` added on top")
     features: list[FeatureIntervention] = Field(default_factory=list)
     scale: FiniteFloat = Field(default=1.0, description="multiplies every strength")
+    prompt_scale: Annotated[FiniteFloat, Field(ge=0)] = Field(
+        default=1.0, description="multiplies the steering on the prompt's tokens; 0 steers only the tokens the model writes"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,10 +85,12 @@ class ResolvedFeature:
 @dataclass(frozen=True)
 class ResolvedSteering:
     features: tuple[ResolvedFeature, ...]
+    prompt_scale: float = 1.0
 
     def wire(self) -> str:
         """Compact form carried to the worker in SamplingParams.extra_args."""
-        return json.dumps([[f.sae, f.index, f.c0, f.c1] for f in self.features], separators=(",", ":"))
+        features = [[f.sae, f.index, f.c0, f.c1] for f in self.features]
+        return json.dumps({"features": features, "prompt_scale": self.prompt_scale}, separators=(",", ":"))
 
     def digest(self) -> str:
         """Identifies the steering exactly; salts the prefix cache so steered KV is never shared."""
@@ -95,11 +104,15 @@ class ResolvedSteering:
                 {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw"}
                 for f in self.features
             ],
+            "prompt_scale": self.prompt_scale,
         }
 
 
-def parse_wire(wire: str) -> list[tuple[str, int, float, float]]:
-    return [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in json.loads(wire)]
+def parse_wire(wire: str) -> tuple[list[tuple[str, int, float, float]], float]:
+    """The worker's side of `ResolvedSteering.wire`: (sae, index, c0, c1) per feature, and the prompt scale."""
+    data = json.loads(wire)
+    features = [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in data["features"]]
+    return features, float(data["prompt_scale"])
 
 
 def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits) -> ResolvedSteering | None:
@@ -129,7 +142,7 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
                 "steering.features", f"at most {limits.max_features_per_sae} interventions per SAE per request"
             )
         resolved.append(_resolve_one(feature, sae, spec.scale, where))
-    return ResolvedSteering(tuple(resolved))
+    return ResolvedSteering(tuple(resolved), spec.prompt_scale)
 
 
 def _resolve_one(feature: FeatureIntervention, sae: SAE, scale: float, where: str) -> ResolvedFeature:

@@ -7,7 +7,8 @@ It wraps three methods of the V1 model runner, each at the moment the data it ne
   silently missing from a compiled graph);
 - `_prepare_inputs`: once the runner has updated and reordered its persistent batch for
   the step, give each new steered request a table row (from the spec it carries in
-  `SamplingParams.extra_args`) and write the token -> row index in place;
+  `SamplingParams.extra_args`) and write the token -> row index, and each token's weight
+  (its request's prompt_scale on prompt tokens), in place;
 - `_on_request_state_removed`: free the row when the request finishes or is aborted.
 
 It also carries a fix for vLLM's CPU runner (`steering.seeded_sampling`): without it, a seeded
@@ -40,26 +41,22 @@ CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in Samplin
 
 
 class Steerer:
-    """Per-worker steering state: the hooks, the token -> row index, and the row allocator."""
+    """Per-worker steering state: the hooks, the token -> row index and weight, and the row allocator."""
 
     def __init__(self, model: nn.Module, config: dict[str, Any], max_num_tokens: int, device: torch.device):
         self.rows = int(config["rows"])
         self.slot_of_token = torch.zeros(max_num_tokens, dtype=torch.long, device=device)
-        # On CPU the index is written directly; on GPU through pinned memory, copied in stream order.
-        self._staging = (
-            self.slot_of_token
-            if device.type == "cpu"
-            else torch.zeros(max_num_tokens, dtype=torch.long, pin_memory=True)
-        )
+        self.weight_of_token = torch.ones(max_num_tokens, dtype=torch.float32, device=device)
         self._routed = 0  # tokens written by the previous step; the rest of the index is already 0
         self._free = list(range(self.rows - 1, 0, -1))  # row 0 is "no steering"
         self._row_of_req: dict[str, int] = {}
+        self._prompt_scale = np.ones(self.rows, dtype=np.float32)  # per row
         dtype = next(model.parameters()).dtype
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
         for entry in config["saes"]:
             sae = load_sae(entry["id"], entry["path"])
-            hook = SAESteering(sae, self.slot_of_token, self.rows, int(config["width"]), dtype)
+            hook = SAESteering(sae, self.slot_of_token, self.rows, int(config["width"]), dtype, self.weight_of_token)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
         layers = decoder_layers(model)
@@ -77,18 +74,39 @@ class Steerer:
         if row:
             self._free.append(row)
 
-    def route(self, req_ids: list[str], num_scheduled_tokens: np.ndarray, requests: dict[str, Any]) -> None:
-        """Write this step's token -> row index, in the runner's final batch order."""
+    def route(
+        self,
+        req_ids: list[str],
+        num_scheduled_tokens: np.ndarray,
+        requests: dict[str, Any],
+        num_computed: np.ndarray,
+        num_prompt: np.ndarray,
+    ) -> None:
+        """Write this step's token -> row index and token weights, in the runner's final batch order.
+
+        `num_computed` and `num_prompt` give, per request in that order, the tokens computed
+        before this step and the prompt's length: a token at position < num_prompt is the prompt's.
+        """
         rows = np.fromiter((self._row(r, requests) for r in req_ids), dtype=np.int64, count=len(req_ids))
         if not rows.any() and not self._routed:
             return  # nobody steers now or last step: the index is already all zeros
         n = int(num_scheduled_tokens.sum())
-        staged = self._staging
-        staged[:n] = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
-        staged[n : max(n, self._routed)] = 0
+        token_rows = np.repeat(rows, num_scheduled_tokens)
+        # Tokens past n keep stale weights: their row is 0, whose delta is 0 whatever its weight.
+        slots = np.zeros(max(n, self._routed), dtype=np.int64)
+        slots[:n] = token_rows
+        _write(self.slot_of_token, slots)
+        _write(self.weight_of_token, self._weights(token_rows, num_scheduled_tokens, num_computed, num_prompt))
         self._routed = n if rows.any() else 0
-        if staged.data_ptr() != self.slot_of_token.data_ptr():
-            self.slot_of_token.copy_(staged, non_blocking=True)
+
+    def _weights(
+        self, token_rows: np.ndarray, num_scheduled_tokens: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray
+    ) -> np.ndarray:
+        """Each token's delta multiplier: its row's prompt_scale where it is a prompt token, else 1."""
+        first = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens  # each request's first token in the batch
+        positions = np.repeat(num_computed - first, num_scheduled_tokens) + np.arange(len(token_rows))
+        in_prompt = positions < np.repeat(num_prompt, num_scheduled_tokens)
+        return np.where(in_prompt, self._prompt_scale[token_rows], np.float32(1.0)).astype(np.float32)
 
     def _row(self, req_id: str, requests: dict[str, Any]) -> int:
         row = self._row_of_req.get(req_id)
@@ -105,12 +123,23 @@ class Steerer:
             # and running the request unsteered would be a silent wrong answer.
             raise RuntimeError("steerserve: steering table rows exhausted")
         row = self._free.pop()
+        features, self._prompt_scale[row] = parse_wire(wire)
         by_sae: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-        for sae_id, index, c0, c1 in parse_wire(wire):
+        for sae_id, index, c0, c1 in features:
             by_sae[sae_id].append((index, c0, c1))
         for sae_id, hook in self.hooks.items():
             hook.set_row(row, by_sae.get(sae_id, []))
         return row
+
+
+def _write(target: torch.Tensor, values: np.ndarray) -> None:
+    """Write values into the start of a persistent tensor, in place: directly on CPU, and on GPU
+    through pinned memory, copied in stream order."""
+    source = torch.from_numpy(values)
+    if target.device.type == "cpu":
+        target[: len(values)] = source
+    else:
+        target[: len(values)].copy_(source.pin_memory(), non_blocking=True)
 
 
 def _steer_layer_output(hooks: tuple[SAESteering, ...], module: nn.Module, args: Any, output: Any) -> Any:
@@ -143,7 +172,12 @@ def _wrap_prepare_inputs(original):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if getattr(self, "_steerer", None) is not None:
-            self._steerer.route(self.input_batch.req_ids, num_scheduled_tokens, self.requests)
+            batch = self.input_batch
+            n = batch.num_reqs
+            self._steerer.route(
+                batch.req_ids, num_scheduled_tokens, self.requests,
+                batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
+            )  # fmt: skip
         return result
 
     return _prepare_inputs

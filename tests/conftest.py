@@ -38,6 +38,7 @@ presets:
     model: SmolLM2-135M-Instruct
     features:
       - {sae: jr, index: 1, mode: clamp, strength: 4.0, unit: max_act}
+    prompt_scale: 0.25
     sampling: {temperature: 0.0, max_tokens: 12}
   - name: test-mix
     description: two SAEs at once

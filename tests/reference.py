@@ -67,21 +67,26 @@ def steered_residual(x: torch.Tensor, interventions: list[Intervention]) -> torc
 
 
 @contextmanager
-def steering_hooks(model, interventions: list[Intervention]):
-    """Steer a transformers Llama: each decoder layer's output is the residual stream (resid_post)."""
+def steering_hooks(model, interventions: list[Intervention], prompt_len: int = 0, prompt_scale: float = 1.0):
+    """Steer a transformers Llama: each decoder layer's output is the residual stream (resid_post).
+    Positions before `prompt_len` get `prompt_scale` times the change, the rest all of it."""
     by_layer: dict[int, list[Intervention]] = {}
     for iv in interventions:
         by_layer.setdefault(iv.sae.cfg.layer, []).append(iv)
     handles = []
     for layer, ivs in by_layer.items():
 
-        def hook(module, args, output, ivs=ivs):
+        def hook(module, args, kwargs, output, ivs=ivs):
             hidden = output[0] if isinstance(output, tuple) else output
             shape = hidden.shape
-            steered = steered_residual(hidden.reshape(-1, shape[-1]), ivs).reshape(shape).to(hidden.dtype)
+            steered = steered_residual(hidden.reshape(-1, shape[-1]), ivs).reshape(shape)
+            if prompt_scale != 1.0:
+                weight = torch.where(kwargs["position_ids"] < prompt_len, prompt_scale, 1.0)[..., None]
+                steered = hidden.float() + weight * (steered - hidden.float())
+            steered = steered.to(hidden.dtype)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
-        handles.append(model.model.layers[layer].register_forward_hook(hook))
+        handles.append(model.model.layers[layer].register_forward_hook(hook, with_kwargs=True))
     try:
         yield
     finally:
@@ -90,8 +95,10 @@ def steering_hooks(model, interventions: list[Intervention]):
 
 
 @torch.no_grad()
-def greedy(model, prompt_ids: list[int], max_new_tokens: int, interventions: list[Intervention] = ()) -> list[int]:
-    with steering_hooks(model, list(interventions)):
+def greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, interventions: list[Intervention] = (), prompt_scale: float = 1.0
+) -> list[int]:
+    with steering_hooks(model, list(interventions), len(prompt_ids), prompt_scale):
         out = model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=max_new_tokens,

@@ -7,11 +7,14 @@ skipped where there is none: CPU CI runs the same ops in vLLM's compiled mode in
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from steering.hook import SAESteering
+from steering.worker import Steerer
 from tests.test_hook_math import ROWS, WIDTH, make_sae
+from tests.test_routing import Model, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,7 +24,8 @@ def test_graph_replay_follows_tables(tmp_path, architecture):
     device = torch.device("cuda")
     sae = make_sae(tmp_path, architecture, "constant_norm_rescale")
     slots = torch.zeros(16, dtype=torch.long, device=device)
-    hook = SAESteering(sae, slots, ROWS, WIDTH, torch.float32)  # tables live where `slots` does
+    weights = torch.ones(16, device=device)
+    hook = SAESteering(sae, slots, ROWS, WIDTH, torch.float32, weights)  # tables live where `slots` does
     hidden = torch.randn(16, sae.cfg.d_in, device=device)
     residual = torch.randn(16, sae.cfg.d_in, device=device)
 
@@ -38,8 +42,24 @@ def test_graph_replay_follows_tables(tmp_path, architecture):
     for step in range(4):  # new requests, new rows, new routing, new inputs: all in place
         hook.set_row(1 + step % (ROWS - 1), [(step, 3.0 + step, -1.0), (step + 5, 0.0, 0.5)])
         slots.copy_(torch.randint(0, ROWS, (16,), generator=torch.Generator().manual_seed(step)).to(device))
+        weights.copy_(torch.rand(16, generator=torch.Generator().manual_seed(step)).to(device) * 3)
         hidden.copy_(torch.randn_like(hidden))
         graph.replay()
         eager, _ = hook(hidden, residual)
         torch.testing.assert_close(captured, eager)
         assert not torch.equal(captured, hidden), "the replay steered nothing"
+
+
+def test_steerer_writes_routing_onto_the_device(tmp_path):
+    """The runner's per-step routing, staged in pinned memory, lands in the GPU tensors the graph reads."""
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    config = {"rows": 3, "width": 2, "saes": [{"id": "t", "path": str(sae.path)}]}
+    steerer = Steerer(Model(), config, 16, torch.device("cuda"))
+    reqs = {"a": request(sae, 1, prompt_scale=0.5), "b": request(sae, None)}
+    for step in range(3):  # b decodes; a's 3-token prompt, then its first generated tokens
+        steerer.route(["b", "a"], np.array([2, 4]), reqs, np.array([7 + step, step]), np.array([3, 3]))
+        torch.cuda.synchronize()
+        row = int(steerer.slot_of_token[2])
+        assert row > 0 and steerer.slot_of_token[:6].tolist() == [0, 0, row, row, row, row]
+        expected = [1.0, 1.0] + [0.5 if step + t < 3 else 1.0 for t in range(4)]
+        assert steerer.weight_of_token[:6].tolist() == expected

@@ -140,6 +140,7 @@ steering_values = json_values | st.fixed_dictionaries(
     optional={
         "features": st.lists(features, max_size=5) | json_values,
         "scale": st.floats() | json_values,
+        "prompt_scale": st.floats() | json_values,
         "preset": st.sampled_from(["test-clamp", "test-mix", "nope"]) | json_values,
     },
 )
@@ -186,6 +187,10 @@ CORPUS = {
     "unknown field in a feature": ({"steering": {"features": [{**GOOD, "colour": "red"}]}}, 400, "colour", "Extra inputs"),
     "unknown field in steering": ({"steering": {"features": [GOOD], "strength": 3}}, 400, "steering.strength", "Extra inputs"),
     "scale carries a strength past the cap": ({"steering": {"features": [GOOD], "scale": 1e6}}, 400, "steering.scale", "at most"),
+    "negative prompt_scale": ({"steering": {"features": [GOOD], "prompt_scale": -1}}, 400, "steering.prompt_scale", "greater than or equal to 0"),
+    "prompt_scale carries a strength past the cap": (
+        {"steering": {"features": [GOOD], "prompt_scale": 1e6}}, 400, "steering.prompt_scale", "at most",
+    ),
     "unknown preset": ({"steering": {"preset": "\U0001f989"}}, 400, "steering.preset", "unknown preset"),
 }  # fmt: skip
 

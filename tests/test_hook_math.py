@@ -41,12 +41,15 @@ feature = st.tuples(
     normalize=st.sampled_from(["none", "constant_norm_rescale", "expected_average_only_in"]),
     requests=st.lists(st.lists(feature, min_size=1, max_size=WIDTH), min_size=1, max_size=ROWS - 1),
     seed=st.integers(0, 3),
+    weights=st.lists(st.sampled_from([1.0, 0.0, 0.5, 3.0]), min_size=64, max_size=64),
 )
-def test_hook_matches_reference(tmp_path_factory, architecture, normalize, requests, seed):
+def test_hook_matches_reference(tmp_path_factory, architecture, normalize, requests, seed, weights):
+    """Each token's weight (a request's prompt_scale on its prompt tokens) multiplies its delta."""
     sae = make_sae(tmp_path_factory.mktemp("sae"), architecture, normalize, seed)
     tokens_per_request = 3
     slot_of_token = torch.zeros(64, dtype=torch.long)
-    hook = SAESteering(sae, slot_of_token, ROWS, WIDTH, torch.float32)
+    weight_of_token = torch.tensor(weights)
+    hook = SAESteering(sae, slot_of_token, ROWS, WIDTH, torch.float32, weight_of_token)
     x = torch.randn(tokens_per_request * (len(requests) + 1), D, generator=torch.Generator().manual_seed(seed)) * 3
     expected = [x[:tokens_per_request]]  # the first request is unsteered: row 0
     for r, features in enumerate(requests, start=1):
@@ -55,7 +58,8 @@ def test_hook_matches_reference(tmp_path_factory, architecture, normalize, reque
         hook.set_row(r, [(f.index, f.c0, f.c1) for f in resolved.features])
         slot_of_token[r * tokens_per_request : (r + 1) * tokens_per_request] = r
         xs = x[r * tokens_per_request : (r + 1) * tokens_per_request]
-        expected.append(steered_residual(xs, [Intervention(sae, i, m, s) for i, m, s in features]))
+        w = weight_of_token[r * tokens_per_request : (r + 1) * tokens_per_request, None]
+        expected.append(xs + w * (steered_residual(xs, [Intervention(sae, i, m, s) for i, m, s in features]) - xs))
     hidden, residual = x * 0.25, x * 0.75  # vLLM's fused layout: stream = hidden + residual
     out_hidden, out_residual = hook(hidden, residual)
     assert out_residual is residual

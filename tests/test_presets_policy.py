@@ -16,6 +16,7 @@ from tests.conftest import ADMIN, PRESETS, sae_args
 from tests.helpers import chat_prompt_ids, server_tokens
 
 CLAMP = [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 4.0, "unit": "max_act"}]
+CLAMP_PROMPT_SCALE = 0.25  # test-clamp's
 MESSAGES = [{"role": "user", "content": "Tell me about the weather today."}]
 
 
@@ -28,8 +29,9 @@ def test_preset_model_equals_explicit_features(client, model_name):
     assert cards["test-clamp"].model_extra["parent"] == model_name
     via_preset = client.chat.completions.create(model="test-clamp", messages=MESSAGES)  # nothing else
     explicit = client.chat.completions.create(
-        model=model_name, messages=MESSAGES, temperature=0.0, max_tokens=12, extra_body={"steering": {"features": CLAMP}}
-    )
+        model=model_name, messages=MESSAGES, temperature=0.0, max_tokens=12,
+        extra_body={"steering": {"features": CLAMP, "prompt_scale": CLAMP_PROMPT_SCALE}},
+    )  # fmt: skip
     plain = client.chat.completions.create(model=model_name, messages=MESSAGES, temperature=0.0, max_tokens=12)
     assert via_preset.choices[0].message.content == explicit.choices[0].message.content
     assert via_preset.choices[0].message.content != plain.choices[0].message.content
@@ -48,6 +50,11 @@ def test_preset_in_steering_field_with_scale_and_extra_features(client, model_na
     jr, topk = saes["jr"].max_act, saes["topk"].max_act
     # preset scale 0.5 x request scale 2.0 on the preset's own features; request scale on the extra one
     assert [f["strength"] for f in features] == pytest.approx([6.0 * float(jr[0]), 4.0 * float(topk[2]), 20.0])
+    assert response.model_extra["steering"]["prompt_scale"] == 1.0  # the preset's, as the request set none
+    overridden = client.chat.completions.create(
+        model="test-clamp", messages=MESSAGES, extra_body={"steering": {"prompt_scale": 2.0}}
+    )
+    assert overridden.model_extra["steering"]["prompt_scale"] == 2.0  # the request's replaces the preset's
     ids = chat_prompt_ids(tokenizer, "Hi")
     assert server_tokens(client, model_name, ids, 8, {"preset": "test-mix"}) == server_tokens(
         client, model_name, ids, 8, {"features": [
@@ -70,6 +77,7 @@ def test_presets_are_served_in_file_form(server):
             {"sae": "topk", "index": 2, "mode": "clamp", "strength": 4.0, "unit": "max_act"},
         ],
         "scale": 0.5,
+        "prompt_scale": 1.0,
     }
     missing = httpx.get(f"{server.url}/v1/presets/nope", headers=ADMIN)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
@@ -150,7 +158,10 @@ def test_capped_key(server, model_name):
     scaled_over = {**over, "features": [{**over["features"][0], "strength": 1.5}], "scale": 2.0}
     with pytest.raises(PermissionDeniedError):
         key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": scaled_over})
-    under = {"features": [{**over["features"][0], "strength": 1.5}]}
+    prompt_over = {"features": [{**over["features"][0], "strength": 1.5}], "prompt_scale": 2.0}  # 3.0 on the prompt
+    with pytest.raises(PermissionDeniedError):
+        key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": prompt_over})
+    under = {"features": [{**over["features"][0], "strength": 1.5}], "prompt_scale": 0.5}
     assert key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": under})
 
 

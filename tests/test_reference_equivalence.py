@@ -58,6 +58,17 @@ def test_steered_matches_reference(case, client, model_name, hf_model, saes, pro
     assert got == expected
 
 
+@pytest.mark.parametrize("prompt_scale", [0.0, 3.0])
+def test_prompt_scale_matches_reference(prompt_scale, client, model_name, hf_model, saes, prompts):
+    """Steering only what the model writes (0), and the prompt harder than the answer (3)."""
+    features = [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 2.0, "unit": "max_act"}]
+    spec, interventions = spec_and_reference(saes, features)
+    expected = [greedy(hf_model, ids, N_TOKENS, interventions, prompt_scale) for ids in prompts]
+    assert expected != [greedy(hf_model, ids, N_TOKENS, interventions) for ids in prompts], "prompt_scale must matter"
+    got = [server_tokens(client, model_name, ids, N_TOKENS, {**spec, "prompt_scale": prompt_scale}) for ids in prompts]
+    assert got == expected
+
+
 def test_zero_strength_add_equals_no_steering(client, model_name, prompts):
     zero = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 0.0}]}
     for ids in prompts:

@@ -33,32 +33,53 @@ def steerer(tmp_path):
     return Steerer(Model(), config, max_num_tokens=32, device=torch.device("cpu")), sae
 
 
-def request(sae, index: int | None):
+def request(sae, index: int | None, prompt_scale: float = 1.0):
     if index is None:
         return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
-    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)])
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)], prompt_scale=prompt_scale)
     wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))
+
+
+def decode(steerer: Steerer, req_ids: list[str], tokens: list[int], requests: dict) -> None:
+    """Route a step in which every token is past its prompt."""
+    zeros = np.zeros(len(req_ids), dtype=np.int64)
+    steerer.route(req_ids, np.array(tokens), requests, zeros, zeros)
 
 
 def test_rows_follow_the_batch_order_and_are_reused(steerer):
     steerer, sae = steerer
     reqs = {"a": request(sae, 1), "b": request(sae, None), "c": request(sae, 2)}
-    steerer.route(["a", "b", "c"], np.array([2, 3, 1]), reqs)
+    decode(steerer, ["a", "b", "c"], [2, 3, 1], reqs)
     routed = steerer.slot_of_token[:6].tolist()
     row_a, row_c = routed[0], routed[5]
     assert routed == [row_a, row_a, 0, 0, 0, row_c] and {row_a, row_c} == {1, 2}
     assert steerer.hooks["t"].feature[row_a, 0] == 1 and steerer.hooks["t"].feature[row_c, 0] == 2
     # reordered batch, fewer tokens: the stale tail is cleared
-    steerer.route(["c", "a"], np.array([1, 1]), reqs)
+    decode(steerer, ["c", "a"], [1, 1], reqs)
     assert steerer.slot_of_token[:8].tolist() == [row_c, row_a, 0, 0, 0, 0, 0, 0]
     steerer.release("a")
     reqs["d"] = request(sae, 3)
     with pytest.raises(RuntimeError, match="exhausted"):
-        steerer.route(["c", "d", "e"], np.array([1, 1, 1]), {**reqs, "e": request(sae, 4)})
-    steerer.route(["d"], np.array([1]), reqs)
+        decode(steerer, ["c", "d", "e"], [1, 1, 1], {**reqs, "e": request(sae, 4)})
+    decode(steerer, ["d"], [1], reqs)
     assert steerer.slot_of_token[0] == row_a, "a finished request's row goes to the next steered one"
     assert steerer.hooks["t"].feature[row_a, 0] == 3
+
+
+def test_prompt_tokens_carry_their_requests_prompt_scale(steerer):
+    """A 5-token prompt prefilled in chunks of 3 beside a decoding request, then decoded: its
+    prompt tokens are weighted by its prompt_scale, the token after them by 1."""
+    steerer, sae = steerer
+    reqs = {"p": request(sae, 1, prompt_scale=0.25), "d": request(sae, 2, prompt_scale=4.0), "u": request(sae, None)}
+    steps = [  # (batch, tokens scheduled, tokens computed before, prompt lengths) -> weights
+        (["p", "d"], [3, 1], [0, 9], [5, 6], [0.25, 0.25, 0.25, 1.0]),
+        (["d", "u", "p"], [1, 2, 3], [10, 0, 3], [6, 8, 5], [1.0, 1.0, 1.0, 0.25, 0.25, 1.0]),
+        (["p"], [1], [6], [5], [1.0]),
+    ]
+    for batch, tokens, computed, prompt, weights in steps:
+        steerer.route(batch, np.array(tokens), reqs, np.array(computed), np.array(prompt))
+        assert steerer.weight_of_token[: len(weights)].tolist() == weights
 
 
 def test_hook_is_installed_on_the_sae_layer(steerer):
@@ -66,7 +87,7 @@ def test_hook_is_installed_on_the_sae_layer(steerer):
     model = Model()
     fresh = Steerer(model, {"rows": 2, "width": 1, "saes": [{"id": "t", "path": str(sae.path)}]}, 8, torch.device("cpu"))
     assert model.layers[sae.cfg.layer].steerserve_0 is fresh.hooks["t"]
-    fresh.route(["x"], np.array([4]), {"x": request(sae, 0)})
+    decode(fresh, ["x"], [4], {"x": request(sae, 0)})
     h, r = torch.randn(4, sae.cfg.d_in), torch.zeros(4, sae.cfg.d_in)
     out, _ = model.layers[sae.cfg.layer](h, r)
     torch.testing.assert_close(out, h + sae.W_dec[0])
@@ -85,6 +106,6 @@ def test_tensor_parallel_ranks_steer_identically(tmp_path):
         for rank in ranks:
             for req_id in finished:
                 rank.release(req_id)
-            rank.route(batch, np.array(tokens), reqs)
+            decode(rank, batch, tokens, reqs)
         assert torch.equal(ranks[0].slot_of_token, ranks[1].slot_of_token)
         assert torch.equal(ranks[0].hooks["t"].delta(x), ranks[1].hooks["t"].delta(x))

@@ -50,8 +50,9 @@ def test_per_sae_cap(sae):
 
 
 def test_wire_round_trip_and_digest(sae):
-    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)])
-    resolved = resolve(spec, {"t": sae}, SteeringLimits())
-    assert parse_wire(resolved.wire()) == [("t", f.index, f.c0, f.c1) for f in resolved.features]
-    other = resolve(SteeringSpec(features=spec.features[:3]), {"t": sae}, SteeringLimits())
-    assert resolved.digest() != other.digest()
+    features = [FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)]
+    resolved = resolve(SteeringSpec(features=features, prompt_scale=2.5), {"t": sae}, SteeringLimits())
+    assert parse_wire(resolved.wire()) == ([("t", f.index, f.c0, f.c1) for f in resolved.features], 2.5)
+    others = [SteeringSpec(features=features[:3], prompt_scale=2.5), SteeringSpec(features=features)]
+    for other in others:  # the prompt scale is part of the steering: KV written under one is not another's
+        assert resolved.digest() != resolve(other, {"t": sae}, SteeringLimits()).digest()

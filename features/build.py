@@ -113,7 +113,10 @@ class Build:
             {"max_act": stats.max_act, "density": stats.density.float(),
              "mean_act": stats.total / stats.fires.clamp_min(1), "quantiles": stats.quantiles()},
             self.out / STATISTICS_FILE,
-            metadata={"quantiles": json.dumps(catalogue.QUANTILES), "tokens": str(stats.tokens), "sinks_left_out": str(stats.sinks)},
+            # One key: safetensors writes a metadata map in no fixed order, and the file must be byte-identical per build.
+            metadata={"statistics": json.dumps(
+                {"quantiles": catalogue.QUANTILES, "tokens": stats.tokens, "sinks_left_out": stats.sinks}, sort_keys=True
+            )},
         )  # fmt: skip
         from transformers import AutoModelForCausalLM
 

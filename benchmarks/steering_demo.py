@@ -2,8 +2,9 @@
 
 For each concept: find candidate features through the server's search API (by words, and by a
 text about the concept), clamp each on a short pilot of other prompts, and keep the best one and
-a team of the best few. Then clamp the best feature alone, and the team together, over 30 neutral
-prompts at several strengths, and measure how many answers mention the concept (keywords, and
+a team of the best few. Then clamp the best feature alone (with the prompt steered as hard as the
+answer, and with the prompt steered PROMPT_SCALE times harder), and the team together, over 30
+neutral prompts at several strengths, and measure how many answers mention the concept (keywords, and
 sentence-embedding similarity) and how fluent they stay (perplexity under the unsteered model,
 and the share of repeated 3-grams). Writes steering_demo.json, .md and .png under
 benchmarks/results/.
@@ -51,6 +52,12 @@ PILOT_PROMPTS = [
 # TEAM features at once (each one lower, since their pushes add up).
 STRENGTHS = [2.0, 3.0, 4.0, 6.0]
 TEAM_STRENGTHS = [0.75, 1.0, 1.25, 1.5, 2.0]
+# The best feature once more with `prompt_scale`: the prompt read PROMPT_SCALE times more strongly
+# steered than the answer is written. 4 was chosen on the pilot prompts (and 8 more of the same
+# kind), never on the evaluation prompts: there, for the bridge feature, it gave far more mentions
+# at the same perplexity than steering every token alike.
+PROMPT_SCALE = 4.0
+PROMPT_WEIGHTED_STRENGTHS = [1.0, 1.25, 1.5, 2.0]
 PILOT_STRENGTH = 4.0
 TEAM = 5
 MAX_TOKENS = 80
@@ -154,8 +161,9 @@ def candidates(url: str, concept: Concept) -> list[dict]:
     return list({f["index"]: f for f in found}.values())
 
 
-def clamp(indices: list[int], strength: float) -> dict:
-    return {"features": [{"sae": SAE, "index": i, "mode": "clamp", "strength": strength, "unit": "max_act"} for i in indices]}
+def clamp(indices: list[int], strength: float, prompt_scale: float = 1.0) -> dict:
+    features = [{"sae": SAE, "index": i, "mode": "clamp", "strength": strength, "unit": "max_act"} for i in indices]
+    return {"features": features, "prompt_scale": prompt_scale}
 
 
 def score(concept: Concept, judges: Judges, texts: list[str], prompts: list[str], target: torch.Tensor) -> dict:
@@ -195,13 +203,16 @@ def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
         team = [r["index"] for r in ranked[:TEAM]]
         print(f"{concept.name}: {len(found)} candidates; best {ranked[0]['index']} ({ranked[0]['label']}), team {team}", flush=True)
         target = judges.embed([concept.description])[0]
-        sweep = [{"features": [], "strength": 0.0, **score(concept, judges, baseline, PROMPTS, target)}]
-        settings = [([ranked[0]["index"]], s) for s in STRENGTHS] + ([(team, s) for s in TEAM_STRENGTHS] if len(team) > 1 else [])
-        for features, strength in settings:
-            texts = asyncio.run(answers(url, clamp(features, strength), PROMPTS))
-            sweep.append({"features": features, "strength": strength, **score(concept, judges, texts, PROMPTS, target)})
+        sweep = [{"features": [], "strength": 0.0, "prompt_scale": 1.0, **score(concept, judges, baseline, PROMPTS, target)}]
+        best_one = [ranked[0]["index"]]
+        settings = [(best_one, s, 1.0) for s in STRENGTHS] + [(best_one, s, PROMPT_SCALE) for s in PROMPT_WEIGHTED_STRENGTHS]
+        settings += [(team, s, 1.0) for s in TEAM_STRENGTHS] if len(team) > 1 else []
+        for features, strength, prompt_scale in settings:
+            texts = asyncio.run(answers(url, clamp(features, strength, prompt_scale), PROMPTS))
+            sweep.append({"features": features, "strength": strength, "prompt_scale": prompt_scale,
+                          **score(concept, judges, texts, PROMPTS, target)})  # fmt: skip
             row = sweep[-1]
-            print(f"  clamp {features} at {strength:g} x max_act: mentions {row['keyword_rate']:.0%} (embedding "
+            print(f"  clamp {features} at {strength:g} x max_act, prompt x{prompt_scale:g}: mentions {row['keyword_rate']:.0%} (embedding "
                   f"{row['embedding_rate']:.0%}), median ppl {row['median_perplexity']:.1f}, repetition {row['repetition']:.2f}", flush=True)  # fmt: skip
         results.append({"concept": concept.name, "queries": concept.queries, "pilot": ranked, "sweep": sweep})
     return results
@@ -214,10 +225,18 @@ def best(result: dict) -> dict:
     return max(fluent or result["sweep"][1:], key=lambda r: (r["keyword_rate"], -r["median_perplexity"]))
 
 
+def family(row: dict) -> str:
+    """Which sweep a row belongs to: the best feature, the same with the prompt weighted, or the team."""
+    if len(row["features"]) > 1:
+        return "team"
+    return "best feature" if row["prompt_scale"] == 1 else f"best feature, prompt x{row['prompt_scale']:g}"
+
+
 def steering_name(row: dict) -> str:
     if not row["features"]:
         return "unsteered"
-    return f"feature {row['features'][0]}" if len(row["features"]) == 1 else "team " + "+".join(map(str, row["features"]))
+    weighted = f", prompt x{row['prompt_scale']:g}" if row["prompt_scale"] != 1 else ""
+    return (f"feature {row['features'][0]}" if len(row["features"]) == 1 else "team " + "+".join(map(str, row["features"]))) + weighted
 
 
 def write(results: list[dict], out: Path, seconds: float) -> None:
@@ -233,7 +252,8 @@ def write(results: list[dict], out: Path, seconds: float) -> None:
         "",
         f"{len(PROMPTS)} neutral prompts, {MAX_TOKENS} tokens, temperature 0.7, seeded; clamp strength in multiples "
         f"of each feature's max activation. Features picked on a pilot of {len(PILOT_PROMPTS)} other prompts: the best "
-        f"one alone, and a team of the best {TEAM} clamped together. Mentions: keyword match; embedding: cosine "
+        f"one alone (also with `prompt_scale` {PROMPT_SCALE:g}: the prompt's tokens steered {PROMPT_SCALE:g}x as hard as "
+        f"the answer's), and a team of the best {TEAM} clamped together. Mentions: keyword match; embedding: cosine "
         f"similarity >= {EMBEDDING_THRESHOLD} to the concept's description (all-MiniLM-L6-v2). Perplexity of the answer "
         f"under the unsteered model. Run took {seconds:.0f} s.",
         "",
@@ -263,18 +283,18 @@ def write(results: list[dict], out: Path, seconds: float) -> None:
     lines += ["", "![steering demo](steering_demo.png)", ""]
     (out / "steering_demo.md").write_text("\n".join(lines))
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.axvspan(0.8, 3, ymin=0.7 / 1.05, color="green", alpha=0.08, label="target: >= 70% mention, <= 3x perplexity")
     for n, result in enumerate(results):
         base = result["sweep"][0]["median_perplexity"]
-        for team, style in ((False, "-"), (True, "--")):
-            rows = [result["sweep"][0]] + [r for r in result["sweep"][1:] if (len(r["features"]) > 1) == team]
-            if len(rows) > 1:
-                ax.plot([r["median_perplexity"] / base for r in rows], [r["keyword_rate"] for r in rows], style,
-                        marker="o", color=f"C{n}", label=f"{result['concept']}: {'team' if team else 'best feature'}")  # fmt: skip
+        families = dict.fromkeys(family(r) for r in result["sweep"][1:])
+        for name, style in zip(families, ("-", ":", "--")):
+            rows = [result["sweep"][0]] + [r for r in result["sweep"][1:] if family(r) == name]
+            ax.plot([r["median_perplexity"] / base for r in rows], [r["keyword_rate"] for r in rows], style,
+                    marker="o", color=f"C{n}", label=f"{result['concept']}: {name}")  # fmt: skip
     ax.set(xscale="log", xlim=(0.8, None), ylim=(0, 1.05), xlabel="median perplexity / unsteered (log)",
            ylabel="answers mentioning the concept")  # fmt: skip
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
     ax.set_title("Clamping default-SAE features over 30 neutral prompts\n(points: unsteered, then rising strength)")
     fig.tight_layout()
     fig.savefig(out / "steering_demo.png", dpi=110)

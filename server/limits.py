@@ -6,8 +6,8 @@
 - errors Starlette raises itself (a body that is not JSON, nested too deep to parse, an unknown
   route) come back in OpenAI's error format like every other error;
 - a steering spec is checked for what steering/spec.py's resolution leaves open: a `scale` or
-  `prompt_scale` that carries a strength past `--max-strength`, a feature steered twice, and unit `norm` on a feature
-  whose decoder direction is zero (a division by zero there).
+  `prompt_scale` that carries a strength past `--max-strength`, a feature steered twice, and
+  unit `norm` on a feature whose decoder direction is zero (a division by zero there).
 """
 
 from __future__ import annotations

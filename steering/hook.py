@@ -3,9 +3,9 @@
 Routing is tensor content, never Python: `slot_of_token[t]` names the table row that
 token t reads (row 0 is all zeros: no steering), row r holds up to K features of
 one request, and `weight_of_token[t]` multiplies token t's delta (its request's
-prompt_scale on prompt tokens, else 1). Nothing here branches on data, allocates per step or leaves the device,
-so torch.compile traces it once and a CUDA graph can replay it while the runner
-rewrites the tables in place between steps.
+prompt_scale on prompt tokens, else 1). Nothing here branches on data, allocates per
+step or leaves the device, so torch.compile traces it once and a CUDA graph can replay
+it while the runner rewrites the tables in place between steps.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def training_windows(total: int, chat_windows: int, budget: int) -> np.ndarray:
 class Build:
     def __init__(self, out: Path, work: Path, cfg: TrainConfig, max_tokens: int | None):
         self.out, self.work, self.cfg, self.max_tokens = out, work, cfg, max_tokens
+        self.corpus_manifest = work / "corpus" / "manifest.json"  # written by the corpus stage
         self.model_dir = ensure_default_model()
         self.timings: dict[str, float] = {}
         out.mkdir(parents=True, exist_ok=True)
@@ -67,12 +68,10 @@ class Build:
         return corpus.generate_chats(path, regenerate)
 
     def corpus(self, chats: Path, reader: ResidualReader) -> dict:
-        manifest_path = self.work / "corpus" / "manifest.json"
-        if not manifest_path.exists():
+        if not self.corpus_manifest.exists():
             manifest = corpus.build_corpus(chats, self.work / "downloads", self.work / "corpus", reader.tokenizer)
-            write_json(manifest_path, manifest)
-        self.manifest = json.loads(manifest_path.read_text())
-        return self.manifest
+            write_json(self.corpus_manifest, manifest)
+        return json.loads(self.corpus_manifest.read_text())
 
     def tokens(self, split: str) -> np.ndarray:
         """A split's token stream. With --max-tokens, training reads the chats (the first source: the
@@ -82,7 +81,7 @@ class Build:
         if split != "train" or not self.max_tokens:
             return tokens
         all_windows = activations.windows(tokens)
-        chats = self.manifest["sources"][0]
+        chats = json.loads(self.corpus_manifest.read_text())["sources"][0]
         chat_windows = (chats["tokens"] - chats["heldout_tokens"]) // activations.CONTEXT
         keep = training_windows(len(all_windows), chat_windows, self.max_tokens // activations.CONTEXT)
         return all_windows[keep].reshape(-1)

@@ -30,7 +30,7 @@ from tests.helpers import chat_prompt_ids
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK, BLOCKS = 32, 160  # 5120 tokens of KV cache: far less than the load below asks for
-DRAIN_S = 20  # --shutdown-timeout of the server here: far shorter than the long request below
+DRAIN_S = 45  # --shutdown-timeout of the server here: far shorter than the long request below
 MAX_TOKENS = 16
 
 
@@ -60,7 +60,7 @@ def small_kv(tmp_path_factory, sae_dirs, saes):
         ["--sae", f"hot={hot}", "--max-model-len", "4096", "--max-num-seqs", "48", "--max-steered-requests", "256",
          "--shutdown-timeout", str(DRAIN_S),
          "--", "--max-num-batched-tokens", str(PREFILL_CHUNK), "--block-size", str(BLOCK),
-         "--num-gpu-blocks-override", str(BLOCKS)],
+         "--num-gpu-blocks-override", str(BLOCKS), "--logits-processors", "tests.pacing:Pacer"],
     )  # fmt: skip
     yield server
     _stop(server)
@@ -205,12 +205,12 @@ def test_extreme_steering_completes_or_is_refused_and_batchmates_are_unaffected(
 # 3. A client that goes away aborts its request in the engine
 
 
-def _wait_for(server: Server, predicate, timeout: float, what: str, poll_s: float = 0.5) -> None:
+def _wait_for(server: Server, predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate(metrics := engine_metrics(server.url)):
         shown = {k: v for k, v in metrics.items() if k.startswith(("vllm:num_requests", "vllm:kv_cache", "steerserve_steered"))}
         assert time.monotonic() < deadline, f"{what} within {timeout}s; metrics: {shown}"
-        time.sleep(poll_s)
+        time.sleep(0.5)
 
 
 def _in_engine(metrics: dict[str, float]) -> float:
@@ -255,20 +255,20 @@ def test_disconnected_clients_abort_their_requests(small_kv):
 # 4. Shutdown: readiness flips, in-flight requests drain, exit 0 (last: it stops the server)
 
 
-SHORT_TOKENS = 160  # several seconds of decoding: in flight when SIGTERM comes, done well within the drain
-# most of --max-model-len, and of the KV cache beside the two short ones: still decoding when the
-# drain runs out, even where one sequence decodes at 100 tokens/s (a CI run once saw 2000 tokens,
-# the old length, finish before SIGTERM could go out)
-LONG_TOKENS = 4000
+PACE_S = 0.03  # added to every engine step the long request is in (tests/pacing.py)
+LONG_TOKENS = 3000  # at least 90 s wherever it runs: far past the drain
+WHOLE_TOKENS = 400  # at least 12 s once admitted: still running when the stream below has begun
+STREAM_TOKENS = 100
 
 
 def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
     results: dict[str, object] = {}
     streaming = threading.Event()  # the streamed request has sent its first token
 
-    def request(name: str, max_tokens: int, stream: bool) -> None:
+    def request(name: str, max_tokens: int, stream: bool, **extra) -> None:
         body = {"model": MODEL, "prompt": f"Tell me about {name}.", "max_tokens": max_tokens, "ignore_eos": True,
-                "stream": stream, "steering": {"features": [{"sae": "jr", "index": 0, "strength": 1, "unit": "max_act"}]}}  # fmt: skip
+                "stream": stream, "steering": {"features": [{"sae": "jr", "index": 0, "strength": 1, "unit": "max_act"}]},
+                **extra}  # fmt: skip
         try:
             with httpx.stream("POST", f"{small_kv.url}/v1/completions", json=body, timeout=300) as response:
                 text = ""
@@ -280,19 +280,20 @@ def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
         except httpx.HTTPError as exc:
             results[name] = exc
 
-    def launch(*args) -> threading.Thread:
-        thread = threading.Thread(target=request, args=args)
+    def launch(*args, **extra) -> threading.Thread:
+        thread = threading.Thread(target=request, args=args, kwargs=extra)
         thread.start()
         return thread
 
-    # The long request first, then the two short ones once it runs; SIGTERM goes out once the
-    # stream has begun and all three are admitted. Each step waits on an event that lasts for
-    # seconds, never on a short window a slow poll could miss.
-    threads = [launch("everything", LONG_TOKENS, False)]
-    _wait_for(small_kv, lambda m: m["vllm:num_requests_running"] == 1, 120, "the long request running")
-    threads += [launch("owls", SHORT_TOKENS, False), launch("rivers", SHORT_TOKENS, True)]
+    # One request at a time, each in flight before the next goes out: on a loaded machine two
+    # requests sent together have reached the engine seconds apart. Only the paced long request
+    # depends on a duration, and the pace makes that a floor rather than a guess at decode speed.
+    threads = [launch("everything", LONG_TOKENS, False, vllm_xargs={"pace_s": PACE_S})]
+    _wait_for(small_kv, lambda m: m["steerserve_steered_in_flight"] == 1, 120, "the long request admitted")
+    threads.append(launch("owls", WHOLE_TOKENS, False))
+    _wait_for(small_kv, lambda m: m["steerserve_steered_in_flight"] == 2, 120, "the whole-response request admitted")
+    threads.append(launch("rivers", STREAM_TOKENS, True))
     assert streaming.wait(120), f"the stream began within 120s; answers: {results}"
-    _wait_for(small_kv, lambda m: m["steerserve_steered_in_flight"] == 3, 30, "all three admitted", poll_s=0.02)
     assert not results, f"SIGTERM must find all three in flight, but some had finished: {results}"
     signalled = time.monotonic()
     small_kv.process.send_signal(signal.SIGTERM)  # the main process only, as a container runtime does
@@ -305,7 +306,7 @@ def test_sigterm_flips_readiness_drains_and_exits_0(small_kv):
         thread.join()
     assert time.monotonic() - signalled > DRAIN_S - 1, "the drain waited for the long request"
     whole, streamed, cut = results["owls"], results["rivers"], results["everything"]
-    assert whole[0] == 200 and json.loads(whole[1])["usage"]["completion_tokens"] == SHORT_TOKENS, whole
+    assert whole[0] == 200 and json.loads(whole[1])["usage"]["completion_tokens"] == WHOLE_TOKENS, whole
     events = [line.removeprefix("data: ") for line in streamed[1].splitlines() if line.startswith("data: ")]
     assert streamed[0] == 200 and events[-1] == "[DONE]", streamed
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", "the stream ran to its end"

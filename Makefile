@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench demo sae
+.PHONY: setup serve test unit bench demo sae
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ serve: setup
 
 test: setup
 	$(BIN)/pytest -v
+
+# The unit tier alone: no engine, under a minute.
+unit: setup
+	$(BIN)/pytest -q tests/unit
 
 # The load test and its budgets (benchmarks/README.md); under 20 minutes on the CPU default.
 bench: setup

@@ -1,8 +1,16 @@
-"""Small helpers shared by the server tests."""
+"""Small helpers shared by the tests: chat prompts, the server's greedy tokens, and a stand-in model
+for the worker's routing."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
 from features.sae import SAE
+from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
+from steering.worker import CONFIG_KEY
 from tests.reference import Intervention
 
 
@@ -43,3 +51,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+# A stand-in for vLLM's model: a stack of decoder layers in the fused-residual layout.
+class Layer(nn.Module):
+    def forward(self, h, r):
+        return h, r
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(5))
+        self.weight = nn.Parameter(torch.zeros(1))
+
+
+def request(sae, index: int | None, prompt_scale: float = 1.0):
+    if index is None:
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)], prompt_scale=prompt_scale)
+    wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))

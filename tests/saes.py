@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from features.sae import save_sae
+from features.sae import SAE, load_sae, save_sae
 
 TEXTS = [
     "The Golden Gate Bridge is a suspension bridge spanning the strait in San Francisco.",
@@ -75,3 +75,23 @@ def build_sae(
         cfg["k"] = k
     max_act = pre.clamp_min(0).max(0).values if statistics else None
     return save_sae(path, cfg, weights, max_act=max_act)
+
+
+# Tiny random SAEs for the unit tests: the shapes of the hook's tables in miniature.
+D, D_SAE, ROWS, WIDTH = 12, 20, 5, 4
+
+
+def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    cfg = {
+        "architecture": architecture, "d_in": D, "d_sae": D_SAE, "hook_name": "blocks.3.hook_resid_post",
+        "apply_b_dec_to_input": True, "normalize_activations": normalize, "k": 5, "norm_scaling_factor": 0.7,
+    }  # fmt: skip
+    weights = {
+        "W_enc": torch.randn(D, D_SAE, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+        "W_dec": torch.randn(D_SAE, D, generator=g),
+        "b_dec": torch.randn(D, generator=g) * 0.1,
+        "threshold": torch.rand(D_SAE, generator=g),
+    }
+    return load_sae("t", save_sae(tmp_path / f"{architecture}-{normalize}-{seed}", cfg, weights, torch.rand(D_SAE) + 1))

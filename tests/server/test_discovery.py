@@ -10,7 +10,7 @@ import pytest
 
 from features.catalogue import Catalogue
 from features.sae import DEFAULT_SAE
-from tests.conftest import ADMIN
+from tests.serving import ADMIN
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import PREFILL_CHUNK
 from tests.helpers import chat_prompt_ids, common_prefix, server_tokens, spec_and_reference
 from tests.reference import greedy
+from tests.serving import PREFILL_CHUNK
 
 PROMPTS = [
     "Write a short poem about the sea.",

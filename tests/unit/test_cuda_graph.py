@@ -13,8 +13,8 @@ import torch
 
 from steering.hook import SAESteering
 from steering.worker import Steerer
-from tests.test_hook_math import ROWS, WIDTH, make_sae
-from tests.test_routing import Model, request
+from tests.helpers import Model, request
+from tests.saes import ROWS, WIDTH, make_sae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

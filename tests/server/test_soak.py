@@ -4,7 +4,7 @@ runs the 10-minute one)."""
 from __future__ import annotations
 
 from benchmarks.soak import soak
-from tests.conftest import ADMIN_KEY, MAX_STEERED
+from tests.serving import ADMIN_KEY, MAX_STEERED
 
 CONCURRENCY = 8  # every request steered at once still fits the session server's steering slots
 

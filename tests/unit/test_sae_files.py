@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from features.sae import SAEFormatError, load_sae
-from tests.test_hook_math import make_sae
+from tests.saes import make_sae
 
 
 def _corrupt(path, **changes):

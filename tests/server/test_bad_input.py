@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import ADMIN, MAX_STEERED
+from tests.serving import ADMIN, MAX_STEERED
 
 GOOD = {"sae": "jr", "index": 0, "mode": "add", "strength": 1.0}
 

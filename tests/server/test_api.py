@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tests.conftest import ADMIN, PREFILL_CHUNK
+from tests.serving import ADMIN, PREFILL_CHUNK
 
 STEER = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 3.0, "unit": "max_act"}]}
 MESSAGES = [{"role": "user", "content": "Name a fruit."}]

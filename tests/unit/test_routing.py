@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
-from steering.worker import CONFIG_KEY, Steerer
-from tests.test_hook_math import make_sae
-
-
-class Layer(nn.Module):
-    def forward(self, h, r):
-        return h, r
-
-
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(Layer() for _ in range(5))
-        self.weight = nn.Parameter(torch.zeros(1))
+from steering.worker import Steerer
+from tests.helpers import Model, request
+from tests.saes import make_sae
 
 
 @pytest.fixture
@@ -31,14 +16,6 @@ def steerer(tmp_path):
     sae = make_sae(tmp_path, "jumprelu", "none")
     config = {"rows": 3, "width": 4, "saes": [{"id": "t", "path": str(sae.path)}]}
     return Steerer(Model(), config, max_num_tokens=32, device=torch.device("cpu")), sae
-
-
-def request(sae, index: int | None, prompt_scale: float = 1.0):
-    if index is None:
-        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
-    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)], prompt_scale=prompt_scale)
-    wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
-    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))
 
 
 def decode(steerer: Steerer, req_ids: list[str], tokens: list[int], requests: dict) -> None:

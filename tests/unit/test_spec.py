@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, parse_wire, resolve
-from tests.test_hook_math import make_sae
+from tests.saes import make_sae
 
 
 @pytest.fixture

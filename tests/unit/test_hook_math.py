@@ -6,29 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.sae import SAE, load_sae, save_sae
 from steering.hook import SAESteering
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from tests.reference import Intervention, steered_residual
-
-D, D_SAE, ROWS, WIDTH = 12, 20, 5, 4
-
-
-def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    cfg = {
-        "architecture": architecture, "d_in": D, "d_sae": D_SAE, "hook_name": "blocks.3.hook_resid_post",
-        "apply_b_dec_to_input": True, "normalize_activations": normalize, "k": 5, "norm_scaling_factor": 0.7,
-    }  # fmt: skip
-    weights = {
-        "W_enc": torch.randn(D, D_SAE, generator=g),
-        "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
-        "W_dec": torch.randn(D_SAE, D, generator=g),
-        "b_dec": torch.randn(D, generator=g) * 0.1,
-        "threshold": torch.rand(D_SAE, generator=g),
-    }
-    return load_sae("t", save_sae(tmp_path / f"{architecture}-{normalize}-{seed}", cfg, weights, torch.rand(D_SAE) + 1))
-
+from tests.saes import D_SAE, ROWS, WIDTH, D, make_sae
 
 feature = st.tuples(
     st.integers(0, D_SAE - 1), st.sampled_from(["add", "clamp", "ablate", "scale"]), st.floats(-5, 5, width=32)

@@ -18,9 +18,9 @@ import pytest
 from openai import OpenAI
 
 from benchmarks.servers import Server, stop_server
-from tests.conftest import start_side_server
 from tests.helpers import chat_prompt_ids, spec_and_reference
 from tests.reference import next_token_logprobs
+from tests.serving import start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
 TP = 3

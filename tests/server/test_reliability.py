@@ -25,8 +25,8 @@ from openai import OpenAI
 from benchmarks.servers import Server, stop_server
 from benchmarks.soak import engine_metrics
 from features.sae import save_sae
-from tests.conftest import PREFILL_CHUNK, start_side_server
 from tests.helpers import chat_prompt_ids
+from tests.serving import PREFILL_CHUNK, start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK, BLOCKS = 32, 160  # 5120 tokens of KV cache: far less than the load below asks for

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI, PermissionDeniedError
 
-from tests.conftest import ADMIN, PRESETS, sae_args
 from tests.helpers import chat_prompt_ids, server_tokens
+from tests.serving import ADMIN, PRESETS, sae_args
 
 CLAMP = [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 4.0, "unit": "max_act"}]
 CLAMP_PROMPT_SCALE = 0.25  # test-clamp's

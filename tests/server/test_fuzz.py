@@ -16,12 +16,12 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
-from tests.conftest import ADMIN
+from tests.serving import ADMIN
 
 OWN_ROUTES = r"^/v1/(chat/completions|completions|models|saes|presets|presets/\{name\})$"
 GOOD = {"sae": "jr", "index": 0, "mode": "add", "strength": 1.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from features.catalogue import TOP_CONTEXTS, Catalogue, gather_statistics
-from tests.test_hook_math import make_sae
+from tests.saes import make_sae
 
 
 def test_statistics_match_brute_force(tmp_path):

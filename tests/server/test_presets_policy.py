@@ -276,7 +276,7 @@ def test_presets_cli(tmp_path, sae_dirs, presets_file):
 
 def test_example_presets_file_is_valid():
     """The presets file `make serve` loads checks out against the default model and its SAE."""
-    example = Path(__file__).parents[1] / "server" / "presets.example.yaml"
+    example = Path(__file__).parents[2] / "server" / "presets.example.yaml"
     out = subprocess.run([sys.executable, "-m", "server.cli", "presets", "check", str(example)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     names = re.findall(r"^  - name: (\S+)$", example.read_text(), re.MULTILINE)

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	$(BIN)/pip install --quiet --no-deps -r requirements/cpu.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
-	$(BIN)/python -c "from server.default_model import ensure_default_model; print('default model:', ensure_default_model())"
+	$(BIN)/python -c "from core.local import ensure_default_model; print('default model:', ensure_default_model())"
 	touch $@
 
 serve: setup

@@ -20,7 +20,7 @@ import torch
 from benchmarks.harness import MAX_TOKENS, Bench, benchmark_saes, interleaved, start_targets
 from benchmarks.loadtest import Scenario, mixed, random_spec, unsteered
 from benchmarks.report import write_report
-from benchmarks.servers import stop_server
+from core.local import stop_server
 
 REPEATS = 2
 

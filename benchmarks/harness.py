@@ -14,9 +14,8 @@ from typing import TypeVar
 import torch
 
 from benchmarks.loadtest import Result, Scenario, run
-from benchmarks.servers import Server, free_port, start_server, stop_server
+from core.local import Server, ensure_default_model, free_port, home, serve_command, start_server, stop_server
 from features.sae import DEFAULT_SAE, load_sae, save_sae
-from server.default_model import ensure_default_model, home
 
 PROMPTS = [
     "Give me a recipe for dinner.",
@@ -63,8 +62,8 @@ def start_targets(logs: Path, saes: dict[str, tuple[Path, int]], with_hf: bool) 
     kv = ["--kv-cache-gib", str(KV_CACHE_GIB)]
     py = sys.executable
     commands = {
-        "steerserve": [py, "-m", "server.cli", "serve", *common, *kv, *sae_args],
-        "steerserve, no SAE": [py, "-m", "server.cli", "serve", *common, *kv, "--no-default-sae"],
+        "steerserve": serve_command(*common, *kv, *sae_args),
+        "steerserve, no SAE": serve_command(*common, *kv, "--no-default-sae"),
         "plain vLLM": [py, "-m", "benchmarks.plain_vllm", "--model", str(model), "--served-model-name", MODEL,
                        "--enable-prefix-caching", "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)), *common],
     }  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.harness import MAX_TOKENS, Bench, benchmark_saes, interleaved, start_targets
 from benchmarks.loadtest import Scenario, unsteered
-from benchmarks.servers import stop_server
+from core.local import stop_server
 
 PAIRS = {
     "steerserve unsteered / plain vLLM": ("steerserve", "plain vLLM"),

@@ -239,13 +239,10 @@ def main() -> None:
             parser.error("--url needs --pid")
         url, pid = args.url, args.pid
     else:
-        from benchmarks.servers import free_port, start_server
+        from core.local import start_steerserve
 
-        port = free_port()
-        out = Path(args.out).parent / "logs"
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *(a for s in args.sae for a in ("--sae", s))]
-        server = start_server(cmd, port, out / "soak-server.log")
+        sae_args = [a for s in args.sae for a in ("--sae", s)]
+        server = start_steerserve(sae_args, Path(args.out).parent / "logs" / "soak-server.log")
         url, pid = server.url, server.process.pid
     try:
         started = time.monotonic()
@@ -253,7 +250,7 @@ def main() -> None:
         print(f"soak: {time.monotonic() - started:.0f}s", flush=True)
     finally:
         if server is not None:
-            from benchmarks.servers import stop_server
+            from core.local import stop_server
 
             stop_server(server)
     summary = result.summary()

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ import httpx
 import torch
 from openai import AsyncOpenAI
 
-from benchmarks.servers import free_port, start_server, stop_server
-from server.default_model import MODEL_NAME, ensure_default_model
+from core.local import MODEL_NAME, ensure_default_model, start_steerserve, stop_server
 
 PROMPTS = [
     "Give me a recipe for dinner.", "What should I do this weekend?", "Write a short poem about morning.",
@@ -310,9 +308,8 @@ def main() -> None:
     started = time.monotonic()
     server = None
     if args.url is None:
-        port = free_port()
         print("starting steerserve with the default SAE ...", flush=True)
-        server = start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], port, args.out / "logs" / "steering-demo-server.log")
+        server = start_steerserve([], args.out / "logs" / "steering-demo-server.log")
     try:
         judges = Judges()
         results = run(args.url or server.url, judges, CONCEPTS[: args.concepts])

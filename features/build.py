@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from core.local import ensure_default_model, file_sha256, home
 from features import activations, catalogue, corpus, quality
 from features.residuals import ResidualReader
 from features.sae import CONFIG_FILE, DEFAULT_SAE, STATISTICS_FILE, WEIGHTS_FILE, load_sae
 from features.train import TrainConfig, Trainer, save_history_plot, write_json
-from server.default_model import ensure_default_model, home, sha256
 
 LAYER = 15  # the middle of SmolLM2-135M's 30 layers
 TRAIN_TOKENS = 4_000_000  # of the corpus's ~8M: all of its chats, and the rest public text
@@ -127,7 +127,7 @@ class Build:
 
     def _statistics(self, sae, acts: np.ndarray, sink_norm: float) -> catalogue.Statistics:
         """One pass of the SAE over every training activation; cached per SAE weights and sink norm."""
-        cached = self.work / f"statistics-{sha256(self.out / WEIGHTS_FILE)[:16]}-sink{sink_norm:.0f}.pt"
+        cached = self.work / f"statistics-{file_sha256(self.out / WEIGHTS_FILE)[:16]}-sink{sink_norm:.0f}.pt"
         if cached.exists():
             return catalogue.Statistics(**torch.load(cached))
         batch = 4096
@@ -194,7 +194,7 @@ def main() -> None:
         seconds=build.timings,
         total_seconds=round(time.monotonic() - started, 1),
         machine={"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        artifacts={p.name: sha256(p) for p in sorted(args.out.iterdir()) if p.name != "manifest.json"},
+        artifacts={p.name: file_sha256(p) for p in sorted(args.out.iterdir()) if p.name != "manifest.json"},
     )
     write_json(args.out / "manifest.json", manifest)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))

@@ -161,12 +161,11 @@ def generate_chats(out: Path, regenerate: bool = False, concurrency: int = 128) 
         return out
     from openai import AsyncOpenAI
 
-    from benchmarks.servers import free_port, start_server, stop_server
+    from core.local import start_steerserve, stop_server
 
-    port = free_port()
     log = Path(tempfile.gettempdir()) / "steerserve-chats.log"
     print(f"starting steerserve for {len(missing)} chats (log: {log})", file=sys.stderr)
-    server = start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], port, log)
+    server = start_steerserve([], log)
 
     async def run() -> dict[str, str]:
         client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=3, timeout=1800)

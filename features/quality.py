@@ -43,8 +43,7 @@ def _replace_output(layer: torch.nn.Module, replace, sink_norm: float):
 
 def reconstruct(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
-    flat = x.reshape(-1, shape[-1]).float()
-    return (sae.encode(flat) @ sae.W_dec + sae.b_dec).reshape(shape).to(x.dtype)
+    return sae.reconstruct(x.reshape(-1, shape[-1]).float()).reshape(shape).to(x.dtype)
 
 
 @torch.no_grad()
@@ -71,8 +70,8 @@ def evaluate(model_dir: Path, sae: SAE, tokens: np.ndarray, sink_norm: float, ma
             handle.remove()
         x = captured.pop()
         x = x[x.norm(dim=1) <= sink_norm]
-        acts = sae.encode(x)
-        recon = acts @ sae.W_dec + sae.b_dec
+        acts, scale = sae.encode_scaled(x)
+        recon = sae.decode(acts, scale)
         residual_sq += (x - recon).pow(2).sum().item()
         total_sq += (x - x.mean(0)).pow(2).sum().item()
         l0 += int((acts > 0).sum())

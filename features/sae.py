@@ -1,9 +1,14 @@
-"""Sparse autoencoders in SAELens's on-disk format.
+"""Sparse autoencoders in SAELens's on-disk format: the SAE math's one home.
 
 A directory holds `cfg.json` and `sae_weights.safetensors` (`W_enc` [d_in, d_sae],
-`b_enc` [d_sae], `W_dec` [d_sae, d_in], `b_dec` [d_in], and `threshold` [d_sae]
-for JumpReLU), plus optionally `feature_statistics.safetensors` with per-feature
-`max_act` [d_sae], which is what `unit: max_act` steers in multiples of.
+`b_enc` [d_sae], `W_dec` [d_sae, d_in], `b_dec` [d_in], and an architecture's own
+per-feature tensors, such as JumpReLU's `threshold` [d_sae]), plus optionally
+`feature_statistics.safetensors` with per-feature `max_act` [d_sae], which is what
+`unit: max_act` steers in multiples of.
+
+Each architecture is one small class registered by name (as in SAELens): the base class holds
+the shared input pipeline, pre-activation and decoding; a subclass gives its activation f. The
+steering hook, `SAE.encode`, the quality report and the catalogue all go through these classes.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,11 +29,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 STATISTICS_FILE = "feature_statistics.safetensors"
 DEFAULT_SAE = Path(__file__).parent / "default"  # the default model's own SAE (python -m features.build)
 
-Architecture = Literal["standard", "jumprelu", "topk"]
 Normalization = Literal["none", "constant_norm_rescale", "expected_average_only_in"]
-
-# SAELens writes "standard" for ReLU SAEs; "relu" is accepted as a synonym.
-_ARCHITECTURES = {"standard": "standard", "relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
 _NORMALIZATIONS = ("none", "constant_norm_rescale", "expected_average_only_in")
 # TransformerLens names (`blocks.L.hook_resid_post`) and HF module names (`model.layers.L`)
 # both denote the output of decoder layer L: the residual stream after the layer.
@@ -51,7 +53,7 @@ def layer_of_hook(hook_name: str) -> int | None:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    architecture: Architecture
+    architecture: str  # a name in ARCHITECTURES, as the file gives it
     d_in: int
     d_sae: int
     hook_name: str
@@ -59,7 +61,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool
     normalize_activations: Normalization
     norm_scaling_factor: float | None
-    k: int | None
+    k: int | None  # TopK's k, where the file gives one
 
     @classmethod
     def from_json(cls, path: Path) -> SAEConfig:
@@ -75,11 +77,9 @@ class SAEConfig:
                 raise SAEFormatError(path, f"missing required field {key!r}")
             return raw[key]
 
-        arch = _ARCHITECTURES.get(str(raw.get("architecture", "standard")))
-        if arch is None:
-            raise SAEFormatError(
-                path, f"architecture {raw['architecture']!r} is not one of {sorted(_ARCHITECTURES)}"
-            )
+        arch = str(raw.get("architecture", "standard"))
+        if arch not in ARCHITECTURES:
+            raise SAEFormatError(path, f"architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
         hook_name = str(need("hook_name"))
         layer = layer_of_hook(hook_name)
         if layer is None:
@@ -94,14 +94,12 @@ class SAEConfig:
         scaling = raw.get("norm_scaling_factor")
         if norm == "expected_average_only_in" and not isinstance(scaling, (int, float)):
             raise SAEFormatError(path, "normalize_activations 'expected_average_only_in' needs a numeric 'norm_scaling_factor'")
-        k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-        if arch == "topk" and not (isinstance(k, int) and k > 0):
-            raise SAEFormatError(path, "a topk SAE needs a positive integer 'k'")
         d_in, d_sae = need("d_in"), need("d_sae")
         if not (isinstance(d_in, int) and isinstance(d_sae, int) and d_in > 0 and d_sae > 0):
             raise SAEFormatError(path, "d_in and d_sae must be positive integers")
+        k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
         return cls(
-            architecture=arch,  # type: ignore[arg-type]
+            architecture=arch,
             d_in=d_in,
             d_sae=d_sae,
             hook_name=hook_name,
@@ -109,64 +107,154 @@ class SAEConfig:
             apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", False)),
             normalize_activations=norm,
             norm_scaling_factor=float(scaling) if scaling is not None else None,
-            k=k if arch == "topk" else None,
+            k=k if isinstance(k, int) else None,
         )
 
 
-@dataclass
 class SAE:
-    """One loaded SAE; `encode` is the plain full-width encoder, used as the reference."""
+    """One loaded SAE. The base class holds what every architecture shares: the input pipeline
+    (normalise, then subtract b_dec where the SAE says so; SAELens's `process_sae_in`), the
+    pre-activation and decoding. A subclass is one architecture: its activation f.
+    """
 
-    id: str
-    path: Path
-    cfg: SAEConfig
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-    threshold: torch.Tensor | None
-    max_act: torch.Tensor | None
+    architecture: ClassVar[str]
+    per_feature: ClassVar[tuple[str, ...]] = ()  # [d_sae] tensors f reads besides W_enc, b_enc
+    dense: ClassVar[bool] = False  # f_i depends on every pre-activation (TopK), not on feature i's alone
+
+    def __init__(
+        self, sae_id: str, path: Path, cfg: SAEConfig, weights: Mapping[str, torch.Tensor], max_act: torch.Tensor | None
+    ):
+        self.id, self.path, self.cfg, self.max_act = sae_id, path, cfg, max_act
+        self.W_enc = weights["W_enc"].float()  # [d_in, d_sae]
+        self.b_enc = weights["b_enc"].float()  # [d_sae]
+        self.W_dec = weights["W_dec"].float()  # [d_sae, d_in]
+        self.b_dec = weights["b_dec"].float()  # [d_in]
+        self.params = {name: weights[name].float() for name in self.per_feature}  # each [d_sae]
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig, path: Path) -> None:
+        """Raise SAEFormatError where `cfg` lacks what this architecture needs."""
 
     @property
     def has_statistics(self) -> bool:
         return self.max_act is not None
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token factor [T, 1] that maps x into the SAE's normalised input space."""
-        return input_scale(x, self.cfg)
+        """Factor [T, 1] by which the SAE's input normalisation multiplies each token of x [T, d_in].
+
+        The SAE's reconstruction lives in that normalised space, so a decoder-space delta
+        is divided by the same factor to bring it back to the model's residual stream.
+        """
+        cfg = self.cfg
+        if cfg.normalize_activations == "constant_norm_rescale":
+            return math.sqrt(cfg.d_in) / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        if cfg.normalize_activations == "expected_average_only_in":
+            return x.new_full((x.shape[0], 1), cfg.norm_scaling_factor, dtype=torch.float32)  # type: ignore[arg-type]
+        return x.new_ones((x.shape[0], 1), dtype=torch.float32)
+
+    def sae_in(self, x: torch.Tensor, b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the encoder's input [T, d_in], the normalisation factor [T, 1]) for residual vectors x.
+        `b_dec` is this SAE's b_dec on x's device, where that is not the CPU."""
+        scale = self.input_scale(x)
+        xin = x.float() * scale
+        if self.cfg.apply_b_dec_to_input:
+            xin = xin - (self.b_dec if b_dec is None else b_dec)
+        return xin, scale
+
+    def activation(self, pre: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """f from pre-activations [..., n] and the `per_feature` tensors of those n features."""
+        raise NotImplementedError
+
+    def selected_activations(
+        self, xin: torch.Tensor, slots: torch.Tensor, tables: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """f [T, K] of the K features in each token's table row: the steering hook's path.
+
+        Semantics: pre[t, k] = xin[t] . enc[slots[t], k] + enc_bias[slots[t], k], then
+        `activation` with each `per_feature` table read at slots[t]. `tables` are the hook's
+        [rows, K, ...] tables (enc, enc_bias, feature, and one per `per_feature` name); `dense`
+        holds W_enc and b_enc on the hook's device for a `dense` architecture, else nothing.
+        """
+        pre = torch.einsum("td,tkd->tk", xin, tables["enc"][slots]) + tables["enc_bias"][slots]
+        return self.activation(pre, {name: tables[name][slots] for name in self.per_feature})
+
+    def encode_scaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature activations [T, d_sae], normalisation factor [T, 1]) of residual vectors x [T, d_in]."""
+        xin, scale = self.sae_in(x)
+        return self.activation(xin @ self.W_enc + self.b_enc, self.params), scale
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [T, d_sae] of residual vectors x [T, d_in], as SAELens computes them."""
-        x = x.float() * self.input_scale(x)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
-        if self.cfg.architecture == "jumprelu":
-            assert self.threshold is not None
-            return pre * (pre > self.threshold)
-        if self.cfg.architecture == "topk":
-            top = torch.topk(pre, self.cfg.k, dim=-1)  # type: ignore[arg-type]
-            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        return self.encode_scaled(x)[0]
+
+    def decode(self, f: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The reconstruction [T, d_in] of activations f [T, d_sae] in the residual stream's own
+        units: the input normalisation (factor `scale` [T, 1], from `encode_scaled`) undone."""
+        return (f @ self.W_dec + self.b_dec) / scale
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) for residual vectors x [T, d_in]."""
+        return self.decode(*self.encode_scaled(x))
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(*names: str) -> Callable[[type[SAE]], type[SAE]]:
+    """Class decorator: the class loads SAEs whose cfg.json `architecture` is any of `names`."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        cls.architecture = names[0]
+        for name in names:
+            ARCHITECTURES[name] = cls
+        return cls
+
+    return add
+
+
+@register("standard", "relu")  # SAELens writes "standard" for ReLU SAEs
+class StandardSAE(SAE):
+    def activation(self, pre: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.relu(pre)
 
 
-def input_scale(x: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
-    """Factor [T, 1] by which the SAE's input normalisation multiplies each token.
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    per_feature = ("threshold",)
 
-    The SAE's reconstruction lives in that normalised space, so a decoder-space delta
-    is divided by the same factor to bring it back to the model's residual stream.
-    """
-    if cfg.normalize_activations == "constant_norm_rescale":
-        return math.sqrt(cfg.d_in) / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    if cfg.normalize_activations == "expected_average_only_in":
-        return x.new_full((x.shape[0], 1), cfg.norm_scaling_factor, dtype=torch.float32)  # type: ignore[arg-type]
-    return x.new_ones((x.shape[0], 1), dtype=torch.float32)
+    def activation(self, pre: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return pre * (pre > params["threshold"])
+
+
+@register("topk")
+class TopKSAE(SAE):
+    dense = True
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig, path: Path) -> None:
+        if cfg.k is None or not 0 < cfg.k <= cfg.d_sae:
+            raise SAEFormatError(path, "a topk SAE needs a positive integer 'k', at most d_sae")
+
+    def activation(self, pre: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        top = torch.topk(pre, self.cfg.k, dim=-1)  # type: ignore[arg-type]
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def selected_activations(
+        self, xin: torch.Tensor, slots: torch.Tensor, tables: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        # Membership in the top k is decided on the very numbers it is measured against.
+        full = xin @ dense["W_enc"] + dense["b_enc"]
+        kth = torch.topk(full, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
+        pre = full.gather(1, tables["feature"][slots])
+        return torch.relu(pre) * (pre >= kth)
 
 
 def load_sae(sae_id: str, path: str | Path) -> SAE:
     """Load and check an SAE directory; any problem raises SAEFormatError naming the file."""
     path = Path(path)
     cfg = SAEConfig.from_json(path / CONFIG_FILE)
+    cls = ARCHITECTURES[cfg.architecture]
+    cls.check_config(cfg, path / CONFIG_FILE)
     weights_path = path / WEIGHTS_FILE
     try:
         weights = load_file(weights_path)
@@ -177,9 +265,8 @@ def load_sae(sae_id: str, path: str | Path) -> SAE:
         "b_enc": (cfg.d_sae,),
         "W_dec": (cfg.d_sae, cfg.d_in),
         "b_dec": (cfg.d_in,),
+        **{name: (cfg.d_sae,) for name in cls.per_feature},
     }
-    if cfg.architecture == "jumprelu":
-        expected["threshold"] = (cfg.d_sae,)
     for name, shape in expected.items():
         if name not in weights:
             raise SAEFormatError(weights_path, f"missing tensor {name!r}")
@@ -187,17 +274,7 @@ def load_sae(sae_id: str, path: str | Path) -> SAE:
             raise SAEFormatError(weights_path, f"tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
         if not torch.isfinite(weights[name]).all():
             raise SAEFormatError(weights_path, f"tensor {name!r} holds NaN or inf")
-    return SAE(
-        id=sae_id,
-        path=path,
-        cfg=cfg,
-        W_enc=weights["W_enc"].float(),
-        b_enc=weights["b_enc"].float(),
-        W_dec=weights["W_dec"].float(),
-        b_dec=weights["b_dec"].float(),
-        threshold=weights["threshold"].float() if "threshold" in weights else None,
-        max_act=_load_max_act(path / STATISTICS_FILE, cfg.d_sae),
-    )
+    return cls(sae_id, path, cfg, weights, _load_max_act(path / STATISTICS_FILE, cfg.d_sae))
 
 
 def _load_max_act(path: Path, d_sae: int) -> torch.Tensor | None:

@@ -135,7 +135,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.model:
         model = Path(args.model)
     else:
-        from server.default_model import ensure_default_model
+        from core.local import ensure_default_model
 
         model = ensure_default_model()
         add_default_sae(args)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from core.local import MODEL_NAME
 from features.sae import SAEFormatError, load_sae
-from server.default_model import MODEL_NAME
 from server.presets import Preset, PresetsError, parse_presets
 from steering.spec import SteeringLimits
 

@@ -107,7 +107,7 @@ async def list_saes(raw_request: Request) -> dict:
                 "layer": sae.cfg.layer,
                 "d_in": sae.cfg.d_in,
                 "d_sae": sae.cfg.d_sae,
-                "architecture": sae.cfg.architecture,
+                "architecture": sae.architecture,
                 "has_statistics": sae.has_statistics,
                 "has_catalogue": sae.id in state.catalogues,
             }

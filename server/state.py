@@ -18,7 +18,6 @@ from server.presets import Preset, PresetStore, parse_presets
 from server.settings import APISettings, SteeringSettings
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
 
-
 # Back to 0 whenever nothing steered is running: anything else is a leaked slot.
 STEERED_IN_FLIGHT = Gauge("steerserve_steered_in_flight", "Steered sequences admitted and not yet finished")
 

@@ -3,9 +3,13 @@
 Routing is tensor content, never Python: `slot_of_token[t]` names the table row that
 token t reads (row 0 is all zeros: no steering), row r holds up to K features of
 one request, and `weight_of_token[t]` multiplies token t's delta (its request's
-prompt_scale on prompt tokens, else 1). Nothing here branches on data, allocates per
-step or leaves the device, so torch.compile traces it once and a CUDA graph can replay
-it while the runner rewrites the tables in place between steps.
+prompt_scale on prompt tokens, else 1). Nothing here branches on data or leaves the
+device, and every shape is fixed by T, so torch.compile traces it once and a CUDA graph
+can replay it while the runner rewrites the tables in place between steps.
+
+Cost: each step gathers every token's row, `enc[slots]` and `dec[slots]`, two [T, K, d_in]
+float32 transients per SAE, whether or not anyone steers; a TopK SAE also encodes every token
+at full width. The feature math itself (pre-activation, f) is the SAE class's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from features.sae import SAE, input_scale
+from features.sae import SAE
 
 # Largest element a token's steering delta may have. Far above what steering can use (the default
 # model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
@@ -47,16 +51,18 @@ class SAESteering(nn.Module):
 
         self.register_buffer("enc", table(d_in), persistent=False)  # W_enc[:, i]
         self.register_buffer("enc_bias", table(), persistent=False)  # b_enc[i]
-        self.register_buffer("threshold", table(), persistent=False)  # JumpReLU threshold[i]
         self.register_buffer("dec", table(d_in), persistent=False)  # W_dec[i]
         self.register_buffer("c0", table(), persistent=False)
         self.register_buffer("c1", table(), persistent=False)
         self.register_buffer("feature", torch.zeros(rows, width, dtype=torch.long, device=device), persistent=False)
+        for name in sae.per_feature:  # the architecture's own per-feature tensors, e.g. JumpReLU's threshold
+            self.register_buffer(name, table(), persistent=False)
         self.register_buffer("b_dec", sae.b_dec.to(device), persistent=False)
-        if sae.cfg.architecture == "topk":
-            # f_i of a TopK SAE depends on every pre-activation, so the full encoder is needed.
+        if sae.dense:
+            # f_i depends on every pre-activation (TopK), so the full encoder is needed.
             self.register_buffer("W_enc", sae.W_enc.to(device), persistent=False)
             self.register_buffer("b_enc", sae.b_enc.to(device), persistent=False)
+        self.table_names = ("enc", "enc_bias", "dec", "c0", "c1", "feature", *sae.per_feature)
         self.sae = sae
         self.model_dtype = dtype
         self.max_delta = min(MAX_DELTA, torch.finfo(dtype).max / 8)  # and what a half-precision model can hold
@@ -66,7 +72,7 @@ class SAESteering(nn.Module):
         """Write one request's features (index, c0, c1) into table row `row`."""
         width = self.c0.shape[1]
         assert len(features) <= width, "the server caps features per SAE at the table width"
-        for name in ("enc", "enc_bias", "threshold", "dec", "c0", "c1", "feature"):
+        for name in self.table_names:
             getattr(self, name)[row].zero_()
         if not features:
             return
@@ -75,8 +81,8 @@ class SAESteering(nn.Module):
         self.feature[row, :n] = idx.to(device)
         self.enc[row, :n] = sae.W_enc[:, idx].T.to(device)
         self.enc_bias[row, :n] = sae.b_enc[idx].to(device)
-        if sae.threshold is not None:
-            self.threshold[row, :n] = sae.threshold[idx].to(device)
+        for name, values in sae.params.items():
+            getattr(self, name)[row, :n] = values[idx].to(device)
         self.dec[row, :n] = sae.W_dec[idx].to(device)
         self.c0[row, :n] = torch.tensor([c0 for _, c0, _ in features], device=device)
         self.c1[row, :n] = torch.tensor([c1 for _, _, c1 in features], device=device)
@@ -84,20 +90,10 @@ class SAESteering(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The steering delta [T, d_in] for residual vectors x [T, d_in]."""
         slots, weights = self.slot_of_token[: x.shape[0]], self.weight_of_token[: x.shape[0], None]
-        x = x.float()
-        scale = input_scale(x, self.cfg)
-        xin = x * scale
-        if self.cfg.apply_b_dec_to_input:
-            xin = xin - self.b_dec
-        if self.cfg.architecture == "topk":
-            # Membership in the top k is decided on the very numbers it is measured against.
-            full = xin @ self.W_enc + self.b_enc
-            kth = torch.topk(full, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
-            pre = full.gather(1, self.feature[slots])
-            f = torch.relu(pre) * (pre >= kth)
-        else:
-            pre = torch.einsum("td,tkd->tk", xin, self.enc[slots]) + self.enc_bias[slots]
-            f = pre * (pre > self.threshold[slots]) if self.cfg.architecture == "jumprelu" else torch.relu(pre)
+        xin, scale = self.sae.sae_in(x, self.b_dec)
+        tables = {name: getattr(self, name) for name in self.table_names}
+        dense = {"W_enc": self.W_enc, "b_enc": self.b_enc} if self.sae.dense else {}
+        f = self.sae.selected_activations(xin, slots, tables, dense)
         coef = (self.c0[slots] + self.c1[slots] * f) * weights
         # The reconstruction lives in the SAE's normalised space; map the delta back.
         delta = torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale

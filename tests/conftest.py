@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.local import ensure_default_model
 from features.sae import SAE, load_sae
-from server.default_model import ensure_default_model
 from tests.saes import build_sae, residuals
 
 # id -> (layer, architecture, input normalisation, has statistics)

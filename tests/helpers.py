@@ -6,12 +6,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 from features.sae import SAE
+from steering.hook import SAESteering
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from steering.worker import CONFIG_KEY
-from tests.reference import Intervention
+from tests.reference import Intervention, steered_residual
+from tests.saes import D_SAE, ROWS, WIDTH
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
@@ -72,3 +75,38 @@ def request(sae, index: int | None, prompt_scale: float = 1.0):
     spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)], prompt_scale=prompt_scale)
     wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))
+
+
+# Mixed batches for the hook: up to ROWS - 1 steered requests, each up to WIDTH distinct features
+# in any mode, and a weight per token (a request's prompt_scale on its prompt tokens).
+feature = st.tuples(
+    st.integers(0, D_SAE - 1), st.sampled_from(["add", "clamp", "ablate", "scale"]), st.floats(-5, 5, width=32)
+)
+mixed_batches = st.lists(
+    st.lists(feature, min_size=1, max_size=WIDTH, unique_by=lambda f: f[0]), min_size=1, max_size=ROWS - 1
+)
+token_weights = st.lists(st.sampled_from([1.0, 0.0, 0.5, 3.0]), min_size=64, max_size=64)
+
+
+def assert_hook_matches_reference(
+    sae: SAE, requests: list[list[tuple[int, str, float]]], weights: list[float], seed: int, tokens_per_request: int = 3
+) -> None:
+    """One batch through the table-fed hook: an unsteered request (row 0), then each of `requests`
+    in a row of its own; every token's output must equal the reference's, weighted."""
+    slot_of_token = torch.zeros(64, dtype=torch.long)
+    weight_of_token = torch.tensor(weights)
+    hook = SAESteering(sae, slot_of_token, ROWS, WIDTH, torch.float32, weight_of_token)
+    x = torch.randn(tokens_per_request * (len(requests) + 1), sae.cfg.d_in, generator=torch.Generator().manual_seed(seed)) * 3
+    expected = [x[:tokens_per_request]]
+    for r, features in enumerate(requests, start=1):
+        spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=i, mode=m, strength=s) for i, m, s in features])
+        resolved = resolve(spec, {"t": sae}, SteeringLimits())
+        hook.set_row(r, [(f.index, f.c0, f.c1) for f in resolved.features])
+        tokens = slice(r * tokens_per_request, (r + 1) * tokens_per_request)
+        slot_of_token[tokens] = r
+        xs, w = x[tokens], weight_of_token[tokens, None]
+        expected.append(xs + w * (steered_residual(xs, [Intervention(sae, i, m, s) for i, m, s in features]) - xs))
+    hidden, residual = x * 0.25, x * 0.75  # vLLM's fused layout: stream = hidden + residual
+    out_hidden, out_residual = hook(hidden, residual)
+    assert out_residual is residual
+    torch.testing.assert_close(out_hidden + out_residual, torch.cat(expected), rtol=1e-4, atol=1e-4)

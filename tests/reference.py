@@ -1,7 +1,10 @@
 """The reference a server must match: plain transformers, one forward hook, the formulas as written.
 
-Kept deliberately independent of steering/hook.py: full-width SAE encoding, the issue's
-per-mode formulas spelled out, and its own input normalisation.
+Kept deliberately independent of steering/hook.py and of the SAE classes: full-width SAE
+encoding, the per-mode formulas spelled out, its own input normalisation and its own activations
+for the three built-in architectures. An architecture registered elsewhere (a new class in
+features/sae.py, or a test's toy) lends the reference only its activation, f = act(pre), applied
+to the pre-activations computed here; everything around it is still the reference's own.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ def _activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     xin = x * factor - (sae.b_dec if cfg.apply_b_dec_to_input else 0)
     pre = xin @ sae.W_enc + sae.b_enc
     if cfg.architecture == "jumprelu":
-        f = torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
+        f = torch.where(pre > sae.params["threshold"], pre, torch.zeros_like(pre))
     elif cfg.architecture == "topk":
         f = torch.zeros_like(pre)
         values, indices = pre.topk(cfg.k, dim=-1)
         f.scatter_(-1, indices, values.clamp_min(0))
-    else:
+    elif cfg.architecture in ("standard", "relu"):
         f = pre.clamp_min(0)
+    else:
+        f = sae.activation(pre, sae.params)
     return f, factor
 
 

@@ -4,10 +4,9 @@ steerserve of its own."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from benchmarks.servers import Server, free_port, start_server
+from core.local import Server, start_steerserve
 
 MAX_STEERED = 16
 ADMIN_KEY = "sk-test-admin"
@@ -46,11 +45,6 @@ keys:
       - {sae: jr, index: 6, forbid: any}
 """ % __import__("hashlib").sha256(b"sk-test-guarded").hexdigest()
 PREFILL_CHUNK = 256  # small token budget per step, so long prompts are prefilled in several chunks
-
-
-def start_steerserve(args: list[str], log: Path, env: dict[str, str]) -> Server:
-    port = free_port()
-    return start_server([sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args], port, log, env)
 
 
 def sae_args(sae_dirs: dict[str, Path]) -> list[str]:

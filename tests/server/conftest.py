@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.servers import Server, stop_server
+from core.local import Server, stop_server
 from tests.serving import ADMIN_KEY, MAX_STEERED, POLICY, PREFILL_CHUNK, PRESETS, sae_args, start_steerserve
 
 

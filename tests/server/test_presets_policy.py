@@ -12,6 +12,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI, PermissionDeniedError
 
+from core.local import serve_command
 from tests.helpers import chat_prompt_ids, server_tokens
 from tests.serving import ADMIN, PRESETS, sae_args
 
@@ -251,7 +252,7 @@ def test_bad_presets_or_policy_stop_startup(tmp_path, sae_dirs):
     presets.write_text(BAD_PRESETS)
     policy = tmp_path / "policy.yaml"
     policy.write_text("keys:\n  - name: x\n    key: a\n    max_strength: {volts: 3}\n")
-    base = [sys.executable, "-m", "server.cli", "serve", "--sae", f"jr={sae_dirs['jr']}"]
+    base = serve_command("--sae", f"jr={sae_dirs['jr']}")
     result = subprocess.run([*base, "--presets", str(presets)], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"{presets}:5: preset 'broken': features[0].mode" in result.stderr

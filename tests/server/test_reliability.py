@@ -22,8 +22,8 @@ import pytest
 import torch
 from openai import OpenAI
 
-from benchmarks.servers import Server, stop_server
 from benchmarks.soak import engine_metrics
+from core.local import Server, stop_server
 from features.sae import save_sae
 from tests.helpers import chat_prompt_ids
 from tests.serving import PREFILL_CHUNK, start_side_server
@@ -43,7 +43,7 @@ def _hot_sae(path, jr) -> str:
     max_act = jr.max_act.clone()
     max_act[0], max_act[1], max_act[4] = 1e37, 3e35, 3e35
     cfg = json.loads((jr.path / "cfg.json").read_text())
-    weights = {"W_enc": jr.W_enc, "b_enc": jr.b_enc, "W_dec": W_dec, "b_dec": jr.b_dec, "threshold": jr.threshold}
+    weights = {"W_enc": jr.W_enc, "b_enc": jr.b_enc, "W_dec": W_dec, "b_dec": jr.b_dec, "threshold": jr.params["threshold"]}
     return str(save_sae(path, cfg, weights, max_act=max_act))
 
 

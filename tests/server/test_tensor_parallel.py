@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
-from benchmarks.servers import Server, stop_server
+from core.local import Server, stop_server
 from tests.helpers import chat_prompt_ids, spec_and_reference
 from tests.reference import next_token_logprobs
 from tests.serving import start_side_server

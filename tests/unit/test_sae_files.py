@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from core.local import serve_command
 from features.sae import SAEFormatError, load_sae
 from tests.saes import make_sae
 
@@ -59,7 +59,7 @@ def test_nan_weights_refused(tmp_path):
 def test_serve_refuses_sae_that_does_not_fit_the_model(tmp_path, model_dir):
     sae = make_sae(tmp_path, "jumprelu", "none")  # d_in 12, the model's hidden size is 576
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--sae", f"small={sae.path}"],
+        serve_command("--model", str(model_dir), "--sae", f"small={sae.path}"),
         capture_output=True,
         text=True,
         timeout=300,

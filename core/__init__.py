@@ -1,0 +1,1 @@
+"""What every other package stands on; imports nothing of steerserve's own."""

@@ -18,9 +18,11 @@ from pathlib import Path
 
 from features.sae import DEFAULT_SAE, WEIGHTS_FILE
 from server.limits import DEFAULT_MAX_BODY, MAX_BODY_ENV
+from steering.spec import SteeringLimits
 
 PLUGINS = "steerserve_worker,steerserve_api"  # entry-point names in pyproject.toml
 CPU_KV_CACHE_GIB = 2.0  # ~90k bfloat16 tokens of the default model
+LIMITS = SteeringLimits()  # the defaults of the limit flags
 
 
 def _sae_arg(value: str) -> tuple[str, str]:
@@ -28,6 +30,21 @@ def _sae_arg(value: str) -> tuple[str, str]:
     if not sep or not sae_id or not path:
         raise argparse.ArgumentTypeError(f"expected ID=PATH, got {value!r}")
     return sae_id, path
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What one request may steer: `serve` enforces it, `presets check` checks files against it."""
+    parser.add_argument("--max-features", type=int, default=LIMITS.max_features, help="interventions per request")
+    parser.add_argument(
+        "--max-features-per-sae", type=int, default=LIMITS.max_features_per_sae, help="interventions per SAE per request"
+    )
+    parser.add_argument("--max-strength", type=float, default=LIMITS.max_strength, help="cap on |strength|")
+
+
+def limits_of(args: argparse.Namespace) -> SteeringLimits:
+    return SteeringLimits(
+        max_features=args.max_features, max_features_per_sae=args.max_features_per_sae, max_strength=args.max_strength
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM runs in one batch")
     serve.add_argument("--max-steered-requests", type=int, default=512, help="steered sequences admitted at once")
-    serve.add_argument("--max-features", type=int, default=64, help="interventions per request")
-    serve.add_argument("--max-features-per-sae", type=int, default=64, help="interventions per SAE per request")
-    serve.add_argument("--max-strength", type=float, default=1000.0, help="cap on |strength|")
+    add_limit_flags(serve)
     serve.add_argument("--presets", help="YAML presets file; reloaded when it changes or on SIGHUP")
     serve.add_argument("--policy", help="YAML access policy: per-key models, presets and steering rules")
     serve.add_argument("--api-key", action="append", default=[], help="a key with full access (repeatable)")
@@ -85,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--model", help="model the presets must name (default: the embedded default)")
     check.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH")
+    add_limit_flags(check)
     presets.add_parser("show", help="print a presets file as JSON").add_argument("file")
     diff = presets.add_parser("diff", help="what differs between two presets files")
     diff.add_argument("old")

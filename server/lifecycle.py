@@ -33,6 +33,7 @@ from vllm.entrypoints.serve.exception_handling.handlers.vllm_error import engine
 from vllm.entrypoints.serve.instrumentator.health import health as vllm_health
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from core import vllm_internals
 from server.errors import openai_error
 
 GRACE_S = 5  # after the engine has stopped, how long uvicorn waits for responses still open
@@ -76,10 +77,7 @@ class Lifecycle:
             raise
 
     def engine_died(self) -> bool:
-        """True when an engine process failed: vLLM's multi-API-server launcher reads the same
-        record to exit non-zero, the single-server one that runs here does not."""
-        manager = self.engine.engine_core.resources.engine_manager
-        return manager is not None and manager.failed_proc_name is not None
+        return vllm_internals.engine_failed(self.engine)
 
     async def _take_over_sigterm(self, state: State) -> None:
         # vLLM's serve_http sets `app.state.server` and installs its SIGTERM handler in one
@@ -93,7 +91,7 @@ class Lifecycle:
     def _on_sigterm(self) -> None:
         self.draining = True  # not ready from now on
         # A second before vLLM stops the engine, those still running cannot finish any more.
-        drain = self.engine.vllm_config.shutdown_timeout
+        drain = vllm_internals.drain_seconds(self.engine)
         asyncio.get_running_loop().call_later(max(0, drain - 1), self._end_drain)
         # vLLM handles SIGINT exactly as it handled SIGTERM (drain, then stop): hand over to it.
         signal.raise_signal(signal.SIGINT)

@@ -17,8 +17,9 @@ from server.auth import BearerAuth
 from server.discovery import router as discovery_router
 from server.errors import APIError, api_error_handler
 from server.routes import router
-from server.settings import APISettings, SteeringSettings
+from server.settings import APISettings
 from server.state import SteeringState
+from steering.wire import EngineSettings
 
 
 class SteeringEndpoints:
@@ -36,7 +37,7 @@ class SteeringEndpoints:
         app.add_middleware(limits.BodyLimit, max_bytes=limits.max_body_bytes())  # outermost: before auth reads anything
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
-        settings = SteeringSettings.from_additional_config(args.additional_config)
+        settings = EngineSettings.from_additional_config(args.additional_config)
         if settings is None:
             raise RuntimeError("steerserve_api needs the steering settings in --additional-config")
         served = set(args.served_model_name or [args.model])

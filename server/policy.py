@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import field_path
-from steering.spec import FeatureIntervention, SteeringSpec, Unit
+from steering.spec import ResolvedSteering, Unit
 
 
 class ProtectedFeature(BaseModel):
@@ -106,27 +106,33 @@ class Policy:
         return match
 
 
-def authorize(key: KeyPolicy | None, model: str, preset: str | None, raw: list[FeatureIntervention], spec: SteeringSpec) -> None:
-    """Raise PolicyDenied if `key` may not send this request. `spec` is the expanded steering."""
+def authorize(key: KeyPolicy | None, model: str, preset: str | None, raw_features: bool) -> None:
+    """Raise PolicyDenied if `key` may not use this model or preset, or send features of its own.
+    Checked before the spec is resolved, so a key learns nothing of what it may not use."""
     if key is None:
         return  # open server
     if not _allowed(model, key.models):
         raise PolicyDenied("models", f"key {key.name!r} may not use model {model!r}; allowed: {key.models}")
     if preset is not None and not _allowed(preset, key.presets):
         raise PolicyDenied("presets", f"key {key.name!r} may not use preset {preset!r}; allowed: {key.presets}")
-    if raw and not key.raw_features:
+    if raw_features and not key.raw_features:
         raise PolicyDenied("raw_features", f"key {key.name!r} may use presets only, not raw steering features")
-    for n, f in enumerate(spec.features):
-        strength = f.strength * spec.scale
+
+
+def authorize_steering(key: KeyPolicy | None, steering: ResolvedSteering | None) -> None:
+    """Raise PolicyDenied if the resolved steering (a preset's included) breaks `key`'s per-unit
+    strength caps or touches a protected feature. Reads the strengths resolution yields."""
+    if key is None or steering is None:
+        return
+    for n, f in enumerate(steering.features):
         cap = key.max_strength.get(f.unit)
-        strongest = strength * max(1.0, spec.prompt_scale)  # prompt_scale > 1 steers the prompt harder
-        if cap is not None and abs(strongest) > cap:
+        if cap is not None and abs(f.peak) > cap:  # peak: prompt_scale > 1 steers the prompt harder
             raise PolicyDenied(
                 f"max_strength.{f.unit}",
-                f"key {key.name!r} caps |strength| in unit {f.unit!r} at {cap}; feature {n} asks {strongest:g}",
+                f"key {key.name!r} caps |strength| in unit {f.unit!r} at {cap}; feature {n} asks {f.peak:g}",
             )
         for p in key.protected:
-            if (p.sae, p.index) == (f.sae, f.index) and (p.forbid == "any" or _negative(f.mode, strength)):
+            if (p.sae, p.index) == (f.sae, f.index) and (p.forbid == "any" or _negative(f.mode, f.requested)):
                 what = "steered" if p.forbid == "any" else "ablated or steered negatively"
                 raise PolicyDenied("protected", f"feature {f.sae}/{f.index} is protected and may not be {what}")
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from core.local import MODEL_NAME
 from features.sae import SAEFormatError, load_sae
+from server.cli import limits_of
 from server.presets import Preset, PresetsError, parse_presets
-from steering.spec import SteeringLimits
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "check":
             saes = {sae_id: load_sae(sae_id, path) for sae_id, path in args.sae}
-            presets = parse_presets(Path(args.file), saes, {args.model or MODEL_NAME}, SteeringLimits())
+            presets = parse_presets(Path(args.file), saes, {args.model or MODEL_NAME}, limits_of(args))
             for preset in presets.values():
                 print(f"ok  {preset.name:24} {len(preset.features):3} feature(s)  {preset.description}")
             print(f"{args.file}: {len(presets)} preset(s) valid")

@@ -28,8 +28,8 @@ from server.errors import openai_error
 from server.lifecycle import lifecycle
 from server.policy import KeyPolicy, PolicyDenied
 from server.state import Plan, SteeringState
-from steering.spec import ResolvedSteering, SteeringError, SteeringSpec
-from steering.worker import CONFIG_KEY
+from steering.spec import SteeringError, SteeringSpec
+from steering.wire import CONFIG_KEY
 
 router = APIRouter()
 request_log = logging.getLogger("steerserve.requests")
@@ -151,12 +151,11 @@ async def _serve(
 async def _serve_steered(
     request: SteeredRequest, raw_request: Request, vllm_route: VLLMRoute, plan: Plan, release_slots: Callable[[], None]
 ) -> Response | None:
-    resolved = plan.resolved
-    assert resolved is not None
+    assert plan.resolved is not None and plan.wire is not None and plan.salt is not None
     release = _once(release_slots)
-    echo = {**resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
+    echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
     try:
-        _attach(request, resolved)
+        _attach(request, plan.wire, plan.salt)
         response = await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
     except BaseException:
         release()
@@ -173,7 +172,7 @@ async def _serve_steered(
             headers = {k: v for k, v in response.headers.items() if k != "content-length"}
             response = JSONResponse(body, headers=headers, background=response.background)
     if response is not None:
-        response.headers["x-steering-hash"] = resolved.digest()
+        response.headers["x-steering-hash"] = plan.salt
     return response
 
 
@@ -189,10 +188,9 @@ def _apply_preset(request: SteeredRequest, plan: Plan) -> None:
         setattr(request, field, value)
 
 
-def _attach(request: SteeredRequest, resolved: ResolvedSteering) -> None:
+def _attach(request: SteeredRequest, wire: str, salt: str) -> None:
     """Hand the spec to the worker and keep its KV cache apart from differently steered requests."""
-    request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: resolved.wire()}
-    salt = resolved.digest()
+    request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: wire}
     request.cache_salt = f"{salt}:{request.cache_salt}" if request.cache_salt else salt
 
 
@@ -202,7 +200,7 @@ def _log(state: SteeringState, request: SteeredRequest, key: KeyPolicy | None, p
         "model": request.model,
         "key": key.name if key else None,
         "preset": plan.preset.name if plan and plan.preset else None,
-        "steering_hash": plan.resolved.digest() if plan and plan.resolved else None,
+        "steering_hash": plan.salt if plan else None,
         **fields,
     }
     if state.api.log_prompts:

@@ -9,14 +9,15 @@ from pathlib import Path
 from features.sae import SAE, SAEFormatError, load_sae
 from server.policy import Policy, PolicyError
 from server.presets import PresetsError, parse_presets
-from server.settings import APISettings, SteeringSettings, hook_digest, sae_entry
+from server.settings import APISettings
+from steering.wire import EngineSettings, code_digest, sae_entry
 
 
 class StartupError(RuntimeError):
     pass
 
 
-def steering_settings(model: Path, args: argparse.Namespace) -> tuple[SteeringSettings, dict[str, SAE]]:
+def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSettings, dict[str, SAE]]:
     config_path = model / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -38,7 +39,7 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[SteeringSe
             raise StartupError(f"{cfg_file}: hook {sae.cfg.hook_name!r} names layer {sae.cfg.layer}; the model has {layers}")
         entries.append(sae_entry(sae_id, path))
         saes[sae_id] = sae
-    settings = SteeringSettings(
+    settings = EngineSettings(
         saes=entries,
         max_steered_requests=args.max_steered_requests,
         # Row 0 means "unsteered"; rows of finished requests are freed one engine step after
@@ -47,12 +48,12 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[SteeringSe
         width=args.max_features_per_sae,
         max_features=args.max_features,
         max_strength=args.max_strength,
-        hook_digest=hook_digest(),
+        code_digest=code_digest(),
     )
     return settings, saes
 
 
-def api_settings(args: argparse.Namespace, settings: SteeringSettings, saes: dict[str, SAE], model: str) -> APISettings:
+def api_settings(args: argparse.Namespace, settings: EngineSettings, saes: dict[str, SAE], model: str) -> APISettings:
     """Check the presets and policy files now, so a bad file stops start-up before the engine loads."""
     presets = Path(args.presets).resolve() if args.presets else None
     policy = Path(args.policy).resolve() if args.policy else None

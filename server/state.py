@@ -12,11 +12,12 @@ from prometheus_client import Gauge
 from features.catalogue import Catalogue
 from features.residuals import ResidualReader
 from features.sae import SAE, load_sae
-from server.limits import check_spec
-from server.policy import KeyPolicy, Policy, authorize
+from server.policy import KeyPolicy, Policy, authorize, authorize_steering
 from server.presets import Preset, PresetStore, parse_presets
-from server.settings import APISettings, SteeringSettings
+from server.settings import APISettings
+from steering import wire
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
+from steering.wire import EngineSettings
 
 # Back to 0 whenever nothing steered is running: anything else is a leaked slot.
 STEERED_IN_FLIGHT = Gauge("steerserve_steered_in_flight", "Steered sequences admitted and not yet finished")
@@ -53,10 +54,12 @@ class Plan:
     model: str  # the base model to run
     preset: Preset | None
     resolved: ResolvedSteering | None
+    wire: str | None = None  # `resolved` as the worker reads it
+    salt: str | None = None  # the prefix-cache salt, and the hash the response echoes
 
 
 class SteeringState:
-    def __init__(self, settings: SteeringSettings, api: APISettings, served_models: set[str], model_dir: Path):
+    def __init__(self, settings: EngineSettings, api: APISettings, served_models: set[str], model_dir: Path):
         self.settings = settings
         self.api = api
         self.saes: dict[str, SAE] = {e.id: load_sae(e.id, e.path) for e in settings.saes}
@@ -92,10 +95,12 @@ class SteeringState:
             if model != named.model:
                 raise SteeringError("steering.preset", f"preset {named.name!r} is for model {named.model!r}")
             preset = named
+        authorize(key, model, preset.name if preset else None, raw_features=bool(spec and spec.features))
         expanded = preset.spec(spec) if preset is not None else spec
-        raw = spec.features if spec is not None else []
-        authorize(key, model, preset.name if preset else None, raw, expanded or SteeringSpec())
-        if expanded is not None:
-            check_spec(expanded, self.saes, self.settings.limits)
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
-        return Plan(model=preset.model if preset else model, preset=preset, resolved=resolved)
+        authorize_steering(key, resolved)
+        base = preset.model if preset else model
+        if resolved is None:
+            return Plan(model=base, preset=preset, resolved=None)
+        encoded = wire.encode(resolved)
+        return Plan(model=base, preset=preset, resolved=resolved, wire=encoded, salt=wire.cache_salt(encoded))

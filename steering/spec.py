@@ -14,12 +14,14 @@ so the worker needs only (sae, index, c0, c1) per feature; units and the request
 `prompt_scale` multiplies the whole delta on the prompt's tokens (chat history and template
 included) and leaves the tokens the model writes as they are: 0 steers only what the model
 writes; above 1, the prompt is read more strongly steered than the answer is written.
+
+`resolve` is the one validation path: a request, a presets file (at start-up, on reload and in
+`steerserve presets check`) and the access policy all read what it yields, so a spec that one
+of them accepts every other accepts too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +61,9 @@ class SteeringSpec(BaseModel):
 
 @dataclass(frozen=True)
 class SteeringLimits:
+    """What one request may steer; `steerserve serve` and `steerserve presets check` take these
+    defaults as their flags' defaults."""
+
     max_features: int = 64
     max_features_per_sae: int = 64
     max_strength: float = 1000.0
@@ -77,6 +82,9 @@ class ResolvedFeature:
     sae: str
     index: int
     mode: Mode
+    unit: Unit
+    requested: float  # strength x scale, in `unit`: what the policy's per-unit caps read
+    peak: float  # requested, times prompt_scale where that steers the prompt harder
     strength: float  # in the SAE's raw activation units (norm: along the raw decoder row)
     c0: float
     c1: float
@@ -87,19 +95,9 @@ class ResolvedSteering:
     features: tuple[ResolvedFeature, ...]
     prompt_scale: float = 1.0
 
-    def wire(self) -> str:
-        """Compact form carried to the worker in SamplingParams.extra_args."""
-        features = [[f.sae, f.index, f.c0, f.c1] for f in self.features]
-        return json.dumps({"features": features, "prompt_scale": self.prompt_scale}, separators=(",", ":"))
-
-    def digest(self) -> str:
-        """Identifies the steering exactly; salts the prefix cache so steered KV is never shared."""
-        return hashlib.sha256(self.wire().encode()).hexdigest()[:32]
-
     def echo(self) -> dict:
         """What the response reports back: the interventions as applied, in raw units."""
         return {
-            "hash": self.digest(),
             "features": [
                 {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw"}
                 for f in self.features
@@ -108,15 +106,9 @@ class ResolvedSteering:
         }
 
 
-def parse_wire(wire: str) -> tuple[list[tuple[str, int, float, float]], float]:
-    """The worker's side of `ResolvedSteering.wire`: (sae, index, c0, c1) per feature, and the prompt scale."""
-    data = json.loads(wire)
-    features = [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in data["features"]]
-    return features, float(data["prompt_scale"])
-
-
 def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits) -> ResolvedSteering | None:
-    """Check a spec against the loaded SAEs and limits; None when it steers nothing."""
+    """Check a spec against the loaded SAEs and limits; None when it steers nothing.
+    Raises SteeringError naming the first offending field."""
     if not spec.features:
         return None
     if len(spec.features) > limits.max_features:
@@ -124,6 +116,7 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
             "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
         )
     per_sae: dict[str, int] = {}
+    seen: dict[tuple[str, int], int] = {}
     resolved = []
     for n, feature in enumerate(spec.features):
         where = f"steering.features[{n}]"
@@ -136,17 +129,40 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
             )
         if abs(feature.strength) > limits.max_strength:
             raise SteeringError(f"{where}.strength", f"|strength| must be at most {limits.max_strength}")
+        key = (feature.sae, feature.index)
+        if key in seen:
+            raise SteeringError(
+                where, f"feature {feature.sae}:{feature.index} is already steered by features[{seen[key]}]; give it once"
+            )
+        seen[key] = n
         per_sae[sae.id] = per_sae.get(sae.id, 0) + 1
         if per_sae[sae.id] > limits.max_features_per_sae:
             raise SteeringError(
                 "steering.features", f"at most {limits.max_features_per_sae} interventions per SAE per request"
             )
-        resolved.append(_resolve_one(feature, sae, spec.scale, where))
+        resolved.append(_resolve_one(feature, n, sae, spec, limits))
     return ResolvedSteering(tuple(resolved), spec.prompt_scale)
 
 
-def _resolve_one(feature: FeatureIntervention, sae: SAE, scale: float, where: str) -> ResolvedFeature:
-    s = feature.strength * scale
+def _resolve_one(
+    feature: FeatureIntervention, n: int, sae: SAE, spec: SteeringSpec, limits: SteeringLimits
+) -> ResolvedFeature:
+    where = f"steering.features[{n}]"
+    requested = feature.strength * spec.scale
+    if abs(requested) > limits.max_strength:
+        raise SteeringError(
+            "steering.scale",
+            f"scale {spec.scale} takes features[{n}].strength to {requested}; "
+            f"|strength x scale| must be at most {limits.max_strength}",
+        )
+    peak = requested * max(1.0, spec.prompt_scale)
+    if abs(peak) > limits.max_strength:
+        raise SteeringError(
+            "steering.prompt_scale",
+            f"prompt_scale {spec.prompt_scale} takes features[{n}].strength to {peak} on the "
+            f"prompt; |strength x scale x prompt_scale| must be at most {limits.max_strength}",
+        )
+    s = requested
     if feature.unit == "max_act":
         if sae.max_act is None:
             raise SteeringError(
@@ -156,7 +172,12 @@ def _resolve_one(feature: FeatureIntervention, sae: SAE, scale: float, where: st
     elif feature.unit == "norm":
         if feature.mode != "add":
             raise SteeringError(f"{where}.unit", "unit 'norm' applies to mode 'add' only; use 'raw' or 'max_act'")
-        s /= float(sae.W_dec[feature.index].norm())
+        norm = float(sae.W_dec[feature.index].norm())
+        if not norm > 0:
+            raise SteeringError(
+                f"{where}.unit", f"feature {feature.index} of SAE {sae.id!r} has no decoder direction; unit 'norm' is undefined"
+            )
+        s /= norm
     if not math.isfinite(s):
         raise SteeringError(f"{where}.strength", "strength overflows once its unit and scale are applied")
     c0, c1 = {
@@ -165,4 +186,7 @@ def _resolve_one(feature: FeatureIntervention, sae: SAE, scale: float, where: st
         "ablate": (0.0, -1.0),
         "scale": (0.0, s - 1.0),
     }[feature.mode]
-    return ResolvedFeature(sae=sae.id, index=feature.index, mode=feature.mode, strength=s, c0=c0, c1=c1)
+    return ResolvedFeature(
+        sae=sae.id, index=feature.index, mode=feature.mode, unit=feature.unit, requested=requested, peak=peak,
+        strength=s, c0=c0, c1=c1,
+    )  # fmt: skip

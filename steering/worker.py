@@ -1,6 +1,7 @@
 """Steering inside vLLM's worker: a `vllm.general_plugins` entry point.
 
-It wraps three methods of the V1 model runner, each at the moment the data it needs exists:
+Through core/vllm_internals.py it wraps three private methods of the V1 model runner, each at the
+moment the data it needs exists:
 
 - `load_model`: after the weights load and before torch.compile first traces the model,
   attach one `SAESteering` per SAE to its decoder layer (a hook added later would be
@@ -11,12 +12,12 @@ It wraps three methods of the V1 model runner, each at the moment the data it ne
   (its request's prompt_scale on prompt tokens), in place;
 - `_on_request_state_removed`: free the row when the request finishes or is aborted.
 
-It also carries a fix for vLLM's CPU runner (`steering.seeded_sampling`): without it, a seeded
-request prefilled in chunks kills the engine.
+The same module carries a fix for vLLM's CPU runner: without it, a seeded request prefilled in
+chunks kills the engine.
 
-The plugin does nothing unless the engine was started with the steering config in
-`additional_config`, which is also part of vLLM's compile-cache hash: a graph compiled
-without these hooks can never be reused by a steering server.
+The plugin does nothing unless the engine was started with the steering settings in
+`additional_config` (steering/wire.py), which is also part of vLLM's compile-cache hash: a graph
+compiled without these hooks can never be reused by a steering server.
 """
 
 from __future__ import annotations
@@ -24,27 +25,31 @@ from __future__ import annotations
 import functools
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from core import vllm_internals
 from features.sae import load_sae
-from steering import seeded_sampling
+from steering import wire
 from steering.hook import SAESteering
-from steering.spec import parse_wire
+from steering.wire import CONFIG_KEY, EngineSettings
 
 logger = logging.getLogger("steerserve.worker")
-
-CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in SamplingParams.extra_args
 
 
 class Steerer:
     """Per-worker steering state: the hooks, the token -> row index and weight, and the row allocator."""
 
-    def __init__(self, model: nn.Module, config: dict[str, Any], max_num_tokens: int, device: torch.device):
-        self.rows = int(config["rows"])
+    def __init__(
+        self, model: nn.Module, saes: list[tuple[str, str]], rows: int, width: int, max_num_tokens: int, device: torch.device
+    ):
+        """`saes`: (id, path) each; `rows` table rows per SAE (row 0: unsteered); `width` features
+        per SAE per request."""
+        self.rows = rows
         self.slot_of_token = torch.zeros(max_num_tokens, dtype=torch.long, device=device)
         self.weight_of_token = torch.ones(max_num_tokens, dtype=torch.float32, device=device)
         self._routed = 0  # tokens written by the previous step; the rest of the index is already 0
@@ -54,9 +59,9 @@ class Steerer:
         dtype = next(model.parameters()).dtype
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
-        for entry in config["saes"]:
-            sae = load_sae(entry["id"], entry["path"])
-            hook = SAESteering(sae, self.slot_of_token, self.rows, int(config["width"]), dtype, self.weight_of_token)
+        for sae_id, path in saes:
+            sae = load_sae(sae_id, path)
+            hook = SAESteering(sae, self.slot_of_token, self.rows, width, dtype, self.weight_of_token)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
         layers = decoder_layers(model)
@@ -78,16 +83,17 @@ class Steerer:
         self,
         req_ids: list[str],
         num_scheduled_tokens: np.ndarray,
-        requests: dict[str, Any],
+        extra_args: Callable[[str], dict | None],
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
     ) -> None:
         """Write this step's token -> row index and token weights, in the runner's final batch order.
 
+        `extra_args(req_id)` is a request's SamplingParams.extra_args, where its steering rides.
         `num_computed` and `num_prompt` give, per request in that order, the tokens computed
         before this step and the prompt's length: a token at position < num_prompt is the prompt's.
         """
-        rows = np.fromiter((self._row(r, requests) for r in req_ids), dtype=np.int64, count=len(req_ids))
+        rows = np.fromiter((self._row(r, extra_args) for r in req_ids), dtype=np.int64, count=len(req_ids))
         if not rows.any() and not self._routed:
             return  # nobody steers now or last step: the index is already all zeros
         n = int(num_scheduled_tokens.sum())
@@ -108,22 +114,21 @@ class Steerer:
         in_prompt = positions < np.repeat(num_prompt, num_scheduled_tokens)
         return np.where(in_prompt, self._prompt_scale[token_rows], np.float32(1.0)).astype(np.float32)
 
-    def _row(self, req_id: str, requests: dict[str, Any]) -> int:
+    def _row(self, req_id: str, extra_args: Callable[[str], dict | None]) -> int:
         row = self._row_of_req.get(req_id)
         if row is None:
-            params = requests[req_id].sampling_params
-            wire = (params.extra_args or {}).get(CONFIG_KEY) if params is not None else None
-            row = self._assign(wire) if wire else 0
+            encoded = (extra_args(req_id) or {}).get(CONFIG_KEY)
+            row = self._assign(encoded) if encoded else 0
             self._row_of_req[req_id] = row
         return row
 
-    def _assign(self, wire: str) -> int:
+    def _assign(self, encoded: str) -> int:
         if not self._free:
             # The server admits fewer steered requests than there are rows; running out is a bug,
             # and running the request unsteered would be a silent wrong answer.
             raise RuntimeError("steerserve: steering table rows exhausted")
         row = self._free.pop()
-        features, self._prompt_scale[row] = parse_wire(wire)
+        features, self._prompt_scale[row] = wire.decode(encoded)
         by_sae: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
         for sae_id, index, c0, c1 in features:
             by_sae[sae_id].append((index, c0, c1))
@@ -157,40 +162,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"steerserve: no decoder layer stack found in {type(model).__name__}")
 
 
-def _wrap_load_model(original):
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        config = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
-        self._steerer = Steerer(self.model, config, self.max_num_tokens, self.device) if config else None
-
-    return load_model
+def _on_load(runner: Any) -> None:
+    settings = EngineSettings.from_additional_config(vllm_internals.additional_config(runner))
+    runner._steerer = None
+    if settings is not None:
+        saes = [(entry.id, entry.path) for entry in settings.saes]
+        runner._steerer = Steerer(runner.model, saes, settings.rows, settings.width, runner.max_num_tokens, runner.device)
 
 
-def _wrap_prepare_inputs(original):
-    @functools.wraps(original)
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        if getattr(self, "_steerer", None) is not None:
-            batch = self.input_batch
-            n = batch.num_reqs
-            self._steerer.route(
-                batch.req_ids, num_scheduled_tokens, self.requests,
-                batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
-            )  # fmt: skip
-        return result
-
-    return _prepare_inputs
+def _on_prepared(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
+    steerer = getattr(runner, "_steerer", None)
+    if steerer is not None:
+        batch = vllm_internals.step_batch(runner)
+        extra_args = functools.partial(vllm_internals.request_extra_args, runner)
+        steerer.route(batch.req_ids, num_scheduled_tokens, extra_args, batch.num_computed, batch.num_prompt)
 
 
-def _wrap_state_removed(original):
-    @functools.wraps(original)
-    def _on_request_state_removed(self, req_id, req_state):
-        if getattr(self, "_steerer", None) is not None:
-            self._steerer.release(req_id)
-        return original(self, req_id, req_state)
-
-    return _on_request_state_removed
+def _on_removed(runner: Any, req_id: str) -> None:
+    steerer = getattr(runner, "_steerer", None)
+    if steerer is not None:
+        steerer.release(req_id)
 
 
 def _configure_logging() -> None:
@@ -206,23 +197,5 @@ def _configure_logging() -> None:
 
 def register() -> None:
     """Entry point: patch the V1 model runners (idempotent; vLLM calls it in every process)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     _configure_logging()
-    runners: list[type] = [GPUModelRunner]
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        runners.append(CPUModelRunner)
-    except ImportError:
-        pass
-    for cls in runners:
-        if cls.__dict__.get("_steerserve_patched"):
-            continue
-        if "load_model" in cls.__dict__:
-            cls.load_model = _wrap_load_model(cls.__dict__["load_model"])
-        if cls is GPUModelRunner:
-            cls._prepare_inputs = _wrap_prepare_inputs(cls._prepare_inputs)
-            cls._on_request_state_removed = _wrap_state_removed(cls._on_request_state_removed)
-            seeded_sampling.patch(cls)
-        cls._steerserve_patched = True
+    vllm_internals.patch_model_runners(_on_load, _on_prepared, _on_removed)

@@ -3,16 +3,15 @@ for the worker's routing."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
 from features.sae import SAE
+from steering import wire
 from steering.hook import SAESteering
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
-from steering.worker import CONFIG_KEY
+from steering.wire import CONFIG_KEY
 from tests.reference import Intervention, steered_residual
 from tests.saes import D_SAE, ROWS, WIDTH
 
@@ -69,12 +68,13 @@ class Model(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
 
-def request(sae, index: int | None, prompt_scale: float = 1.0):
+def request(sae, index: int | None, prompt_scale: float = 1.0) -> dict | None:
+    """A request's SamplingParams.extra_args as the API process writes them: feature `index` of SAE
+    "t" added (None: unsteered)."""
     if index is None:
-        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
+        return None
     spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=index, mode="add", strength=1.0)], prompt_scale=prompt_scale)
-    wire = resolve(spec, {"t": sae}, SteeringLimits()).wire()
-    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={CONFIG_KEY: wire}))
+    return {CONFIG_KEY: wire.encode(resolve(spec, {"t": sae}, SteeringLimits()))}
 
 
 # Mixed batches for the hook: up to ROWS - 1 steered requests, each up to WIDTH distinct features

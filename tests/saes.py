@@ -81,17 +81,18 @@ def build_sae(
 D, D_SAE, ROWS, WIDTH = 12, 20, 5, 4
 
 
-def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0) -> SAE:
+def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0, d_in: int = D) -> SAE:
+    """A random SAE at layer 3 (`d_in` 576 fits the default model, for tests of its settings)."""
     g = torch.Generator().manual_seed(seed)
     cfg = {
-        "architecture": architecture, "d_in": D, "d_sae": D_SAE, "hook_name": "blocks.3.hook_resid_post",
+        "architecture": architecture, "d_in": d_in, "d_sae": D_SAE, "hook_name": "blocks.3.hook_resid_post",
         "apply_b_dec_to_input": True, "normalize_activations": normalize, "k": 5, "norm_scaling_factor": 0.7,
     }  # fmt: skip
     weights = {
-        "W_enc": torch.randn(D, D_SAE, generator=g),
+        "W_enc": torch.randn(d_in, D_SAE, generator=g),
         "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
-        "W_dec": torch.randn(D_SAE, D, generator=g),
-        "b_dec": torch.randn(D, generator=g) * 0.1,
+        "W_dec": torch.randn(D_SAE, d_in, generator=g),
+        "b_dec": torch.randn(d_in, generator=g) * 0.1,
         "threshold": torch.rand(D_SAE, generator=g),
     }
-    return load_sae("t", save_sae(tmp_path / f"{architecture}-{normalize}-{seed}", cfg, weights, torch.rand(D_SAE) + 1))
+    return load_sae("t", save_sae(tmp_path / f"{architecture}-{normalize}-{seed}-{d_in}", cfg, weights, torch.rand(D_SAE) + 1))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import AuthenticationError, OpenAI, PermissionDeniedError
+from openai import AuthenticationError, BadRequestError, OpenAI, PermissionDeniedError
 
 from core.local import serve_command
 from tests.helpers import chat_prompt_ids, server_tokens
@@ -284,3 +284,44 @@ def test_example_presets_file_is_valid():
     assert names, "the example file names its presets"
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == names
     assert out.stdout.strip().endswith(f"{len(names)} preset(s) valid")
+
+
+TWICE = [{"sae": "jr", "index": 3, "mode": "add", "strength": 1.0}, {"sae": "jr", "index": 3, "mode": "clamp", "strength": 2.0}]
+TWICE_PRESET = """\
+  - name: twice
+    model: SmolLM2-135M-Instruct
+    features: [{sae: jr, index: 3, mode: add, strength: 1.0}, {sae: jr, index: 3, mode: clamp, strength: 2.0}]
+"""
+
+
+def test_a_feature_listed_twice_is_refused_everywhere_with_the_request_message(
+    server, client, model_name, presets_file, sae_dirs, tmp_path
+):
+    """Once a presets file that steered a feature twice passed `presets check`, start-up and reload,
+    and then every request using the preset got a 400. Every entry point now resolves alike."""
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": {"features": TWICE}})
+    error = refused.value.body
+    assert error["param"] == "steering.features[1]"
+    message = error["message"]
+    assert "already steered by features[0]" in message
+    expected = f"preset 'twice': features[1]: {message}"
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("presets:\n" + TWICE_PRESET)
+    check = subprocess.run([*_cli("presets", "check", str(twice)), *sae_args(sae_dirs)], capture_output=True, text=True)
+    assert check.returncode == 2 and expected in check.stderr, check.stderr
+    start = subprocess.run(
+        [*serve_command("--sae", f"jr={sae_dirs['jr']}"), "--presets", str(twice)], capture_output=True, text=True, timeout=300
+    )
+    assert start.returncode != 0 and expected in start.stderr, start.stderr
+    try:
+        presets_file.write_text(PRESETS + TWICE_PRESET)
+        assert _wait_for(lambda: expected in server.log_text()), "reload refuses it with the same message"
+        assert _names(server) == ["test-clamp", "test-mix"], "and the presets in force keep serving"
+    finally:
+        presets_file.write_text(PRESETS)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "server.cli", *args]

@@ -53,11 +53,10 @@ def test_graph_replay_follows_tables(tmp_path, architecture):
 def test_steerer_writes_routing_onto_the_device(tmp_path):
     """The runner's per-step routing, staged in pinned memory, lands in the GPU tensors the graph reads."""
     sae = make_sae(tmp_path, "jumprelu", "none")
-    config = {"rows": 3, "width": 2, "saes": [{"id": "t", "path": str(sae.path)}]}
-    steerer = Steerer(Model(), config, 16, torch.device("cuda"))
+    steerer = Steerer(Model(), [("t", str(sae.path))], rows=3, width=2, max_num_tokens=16, device=torch.device("cuda"))
     reqs = {"a": request(sae, 1, prompt_scale=0.5), "b": request(sae, None)}
     for step in range(3):  # b decodes; a's 3-token prompt, then its first generated tokens
-        steerer.route(["b", "a"], np.array([2, 4]), reqs, np.array([7 + step, step]), np.array([3, 3]))
+        steerer.route(["b", "a"], np.array([2, 4]), reqs.get, np.array([7 + step, step]), np.array([3, 3]))
         torch.cuda.synchronize()
         row = int(steerer.slot_of_token[2])
         assert row > 0 and steerer.slot_of_token[:6].tolist() == [0, 0, row, row, row, row]

@@ -14,14 +14,13 @@ from tests.saes import make_sae
 @pytest.fixture
 def steerer(tmp_path):
     sae = make_sae(tmp_path, "jumprelu", "none")
-    config = {"rows": 3, "width": 4, "saes": [{"id": "t", "path": str(sae.path)}]}
-    return Steerer(Model(), config, max_num_tokens=32, device=torch.device("cpu")), sae
+    return Steerer(Model(), [("t", str(sae.path))], rows=3, width=4, max_num_tokens=32, device=torch.device("cpu")), sae
 
 
 def decode(steerer: Steerer, req_ids: list[str], tokens: list[int], requests: dict) -> None:
     """Route a step in which every token is past its prompt."""
     zeros = np.zeros(len(req_ids), dtype=np.int64)
-    steerer.route(req_ids, np.array(tokens), requests, zeros, zeros)
+    steerer.route(req_ids, np.array(tokens), requests.get, zeros, zeros)
 
 
 def test_rows_follow_the_batch_order_and_are_reused(steerer):
@@ -55,14 +54,14 @@ def test_prompt_tokens_carry_their_requests_prompt_scale(steerer):
         (["p"], [1], [6], [5], [1.0]),
     ]
     for batch, tokens, computed, prompt, weights in steps:
-        steerer.route(batch, np.array(tokens), reqs, np.array(computed), np.array(prompt))
+        steerer.route(batch, np.array(tokens), reqs.get, np.array(computed), np.array(prompt))
         assert steerer.weight_of_token[: len(weights)].tolist() == weights
 
 
 def test_hook_is_installed_on_the_sae_layer(steerer):
     _, sae = steerer
     model = Model()
-    fresh = Steerer(model, {"rows": 2, "width": 1, "saes": [{"id": "t", "path": str(sae.path)}]}, 8, torch.device("cpu"))
+    fresh = Steerer(model, [("t", str(sae.path))], rows=2, width=1, max_num_tokens=8, device=torch.device("cpu"))
     assert model.layers[sae.cfg.layer].steerserve_0 is fresh.hooks["t"]
     decode(fresh, ["x"], [4], {"x": request(sae, 0)})
     h, r = torch.randn(4, sae.cfg.d_in), torch.zeros(4, sae.cfg.d_in)
@@ -74,8 +73,7 @@ def test_tensor_parallel_ranks_steer_identically(tmp_path):
     """Under tensor parallelism every rank holds the full residual after a layer and sees the same
     scheduler output; each rank must then pick the same rows and apply the same delta."""
     sae = make_sae(tmp_path, "topk", "constant_norm_rescale")
-    config = {"rows": 4, "width": 2, "saes": [{"id": "t", "path": str(sae.path)}]}
-    ranks = [Steerer(Model(), config, 16, torch.device("cpu")) for _ in range(2)]
+    ranks = [Steerer(Model(), [("t", str(sae.path))], 4, 2, 16, torch.device("cpu")) for _ in range(2)]
     reqs = {name: request(sae, i) for i, name in enumerate("abcde")}
     steps = [(["a", "b"], [3, 2], []), (["b", "c", "a"], [1, 4, 1], []), (["c", "d"], [1, 1], ["a", "b"]), (["e", "d", "c"], [2, 1, 1], [])]
     x = torch.randn(16, sae.cfg.d_in)

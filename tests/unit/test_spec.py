@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, parse_wire, resolve
+from steering import wire
+from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, resolve
 from tests.saes import make_sae
 
 
@@ -52,7 +53,8 @@ def test_per_sae_cap(sae):
 def test_wire_round_trip_and_digest(sae):
     features = [FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)]
     resolved = resolve(SteeringSpec(features=features, prompt_scale=2.5), {"t": sae}, SteeringLimits())
-    assert parse_wire(resolved.wire()) == ([("t", f.index, f.c0, f.c1) for f in resolved.features], 2.5)
+    encoded = wire.encode(resolved)
+    assert wire.decode(encoded) == ([("t", f.index, f.c0, f.c1) for f in resolved.features], 2.5)
     others = [SteeringSpec(features=features[:3], prompt_scale=2.5), SteeringSpec(features=features)]
     for other in others:  # the prompt scale is part of the steering: KV written under one is not another's
-        assert resolved.digest() != resolve(other, {"t": sae}, SteeringLimits()).digest()
+        assert wire.cache_salt(encoded) != wire.cache_salt(wire.encode(resolve(other, {"t": sae}, SteeringLimits())))

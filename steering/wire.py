@@ -1,0 +1,103 @@
+"""The wire between the API process and vLLM's workers: the one module both sides import.
+
+Two things cross it:
+- per request, the resolved steering, as compact JSON in `SamplingParams.extra_args[CONFIG_KEY]`,
+  and the prefix-cache salt derived from exactly that text;
+- per engine, `EngineSettings` in vLLM's `additional_config[CONFIG_KEY]`, which vLLM hashes into
+  its compile-cache key: the SAE files' digests, the table sizes and a digest of the steering
+  code that torch.compile traces, so a graph compiled without these hooks (or with other SAEs,
+  tables or hook code) is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from core.local import file_sha256
+from features.sae import ARCHITECTURES, CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE
+from steering.spec import ResolvedSteering, SteeringLimits
+
+CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in SamplingParams.extra_args
+
+# Worker-side modules whose code runs inside the compiled graph: the hook op and the layer callback.
+# The SAE architectures' activations are traced too; their files are added where they are defined.
+TRACED_MODULES = ("steering.hook", "steering.worker")
+
+WireFeature = tuple[str, int, float, float]  # (sae, index, c0, c1)
+
+
+def encode(resolved: ResolvedSteering) -> str:
+    """A request's steering as the worker reads it: (sae, index, c0, c1) per feature, and the prompt scale."""
+    features = [[f.sae, f.index, f.c0, f.c1] for f in resolved.features]
+    return json.dumps({"features": features, "prompt_scale": resolved.prompt_scale}, separators=(",", ":"))
+
+
+def decode(wire: str) -> tuple[list[WireFeature], float]:
+    """The worker's side of `encode`."""
+    data = json.loads(wire)
+    features = [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in data["features"]]
+    return features, float(data["prompt_scale"])
+
+
+def cache_salt(wire: str) -> str:
+    """Identifies the steering exactly; salts the prefix cache so steered KV is never shared.
+    Also the `hash` a response echoes."""
+    return hashlib.sha256(wire.encode()).hexdigest()[:32]
+
+
+class SAEEntry(BaseModel):
+    id: str
+    path: str
+    digest: str  # of the SAE's files: a changed SAE is a changed graph key
+
+
+class EngineSettings(BaseModel):
+    """What the engine's workers need to build the hooks, and what the API process admits against."""
+
+    saes: list[SAEEntry]
+    max_steered_requests: int  # admitted at once by the API server
+    rows: int  # table rows per SAE in the worker: 1 (unsteered) + admitted + finishing lag
+    width: int  # features per SAE per request
+    max_features: int
+    max_strength: float
+    code_digest: str  # of the traced steering code (`traced_files`)
+
+    @property
+    def limits(self) -> SteeringLimits:
+        return SteeringLimits(
+            max_features=self.max_features, max_features_per_sae=self.width, max_strength=self.max_strength
+        )
+
+    def additional_config(self) -> dict:
+        return {CONFIG_KEY: self.model_dump()}
+
+    @classmethod
+    def from_additional_config(cls, config: dict | None) -> EngineSettings | None:
+        raw = (config or {}).get(CONFIG_KEY)
+        return cls.model_validate(raw) if raw else None
+
+
+def sae_entry(sae_id: str, path: str | Path) -> SAEEntry:
+    path = Path(path).resolve()
+    digest = file_sha256(*(path / f for f in (CONFIG_FILE, WEIGHTS_FILE, STATISTICS_FILE)))
+    return SAEEntry(id=sae_id, path=str(path), digest=digest[:16])
+
+
+def traced_files() -> list[Path]:
+    """The source files of all steering code torch.compile traces, found without importing the
+    worker side (the API process computes the digest)."""
+    files = {Path(importlib.util.find_spec(name).origin) for name in TRACED_MODULES}  # type: ignore[union-attr, arg-type]
+    for cls in ARCHITECTURES.values():
+        files.update(Path(inspect.getsourcefile(base)) for base in cls.__mro__ if base is not object)  # type: ignore[arg-type]
+    return sorted(files)
+
+
+def code_digest(files: list[Path] | None = None) -> str:
+    """Digest of the traced steering code (`traced_files` unless given)."""
+    return file_sha256(*(traced_files() if files is None else files))[:16]

@@ -6,8 +6,8 @@ feature i's own encoder column. That is what the steering hook wants: a TopK SAE
 full encoder on every token of every step, steered or not.
 
 The step is sparse where it can be: the encoder runs dense once, but gradients flow only through
-the selected (token, feature) pairs, and the decoder is an embedding bag over them. Dead latents
-get OpenAI's AuxK loss. Checkpoints are written atomically and training resumes from the last.
+the selected (token, feature) pairs: decoding and every gradient are sparse CSR products over
+those pairs (`SparseStep`), with hand-written backward passes. Dead latents get OpenAI's AuxK loss. Checkpoints are written atomically and training resumes from the last.
 """
 
 from __future__ import annotations

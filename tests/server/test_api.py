@@ -98,7 +98,7 @@ def test_n_seed_stop_logprobs(client, model_name):
 
 def test_seeded_request_prefilled_in_chunks(server, client, model_name):
     """vLLM 0.32's CPU runner raised on a seeded request whose prompt is prefilled in chunks,
-    ending the engine for everyone (steering.seeded_sampling fixes it)."""
+    ending the engine for everyone (core/vllm_internals.py fixes it)."""
     fruits = ", ".join(["apple", "pear", "plum", "fig", "cherry"] * 80)
     kwargs = dict(
         model=model_name, messages=[{"role": "user", "content": f"Pick one of these: {fruits}."}],

@@ -58,3 +58,31 @@ def test_wire_round_trip_and_digest(sae):
     others = [SteeringSpec(features=features[:3], prompt_scale=2.5), SteeringSpec(features=features)]
     for other in others:  # the prompt scale is part of the steering: KV written under one is not another's
         assert wire.cache_salt(encoded) != wire.cache_salt(wire.encode(resolve(other, {"t": sae}, SteeringLimits())))
+
+
+def _refusal(sae, spec: SteeringSpec, limits: SteeringLimits = SteeringLimits()) -> SteeringError:
+    with pytest.raises(SteeringError) as err:
+        resolve(spec, {"t": sae}, limits)
+    return err.value
+
+
+def test_one_path_refuses_what_check_spec_did(sae):
+    """A feature twice, scale or prompt_scale past the cap, unit norm on a zero decoder row: once
+    refused by a second check that presets never ran, now by resolution itself."""
+    twice = _refusal(sae, SteeringSpec(features=[FeatureIntervention(sae="t", index=2), FeatureIntervention(sae="t", index=2, mode="clamp")]))
+    assert twice.param == "steering.features[1]" and "already steered by features[0]" in str(twice)
+    limits = SteeringLimits(max_strength=10.0)
+    scaled = _refusal(sae, SteeringSpec(features=[FeatureIntervention(sae="t", index=1, strength=5.0)], scale=3.0), limits)
+    assert scaled.param == "steering.scale"
+    prompt = SteeringSpec(features=[FeatureIntervention(sae="t", index=1, strength=5.0)], scale=1.5, prompt_scale=2.0)
+    assert _refusal(sae, prompt, limits).param == "steering.prompt_scale"
+    sae.W_dec[4] = 0.0
+    norm = _refusal(sae, SteeringSpec(features=[FeatureIntervention(sae="t", index=4, strength=1.0, unit="norm")]))
+    assert norm.param == "steering.features[0].unit" and "no decoder direction" in str(norm)
+
+
+def test_resolution_yields_the_strengths_the_policy_reads(sae):
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=1, strength=2.0, unit="max_act")], scale=1.5, prompt_scale=3.0)
+    f = resolve(spec, {"t": sae}, SteeringLimits()).features[0]
+    assert (f.unit, f.requested, f.peak) == ("max_act", 3.0, 9.0)
+    assert f.strength == pytest.approx(3.0 * float(sae.max_act[1]))

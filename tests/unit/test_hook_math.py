@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steering.hook import SAESteering
+from steering.hook import MAX_DELTA, SAESteering
 from tests.helpers import assert_hook_matches_reference, mixed_batches, token_weights
 from tests.saes import ROWS, WIDTH, D, make_sae
 
@@ -43,3 +43,24 @@ def test_reused_row_forgets_previous_request(tmp_path):
     x = torch.randn(4, D)
     out, _ = hook(x, torch.zeros_like(x))
     torch.testing.assert_close(out, x + 2.0 * sae.W_dec[7])
+
+
+def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
+    """The hook's guard alone, on small tensors: extreme rows come out finite and bounded,
+    every other row exactly as without them."""
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    slots = torch.tensor([0, 1, 2, 3, 4, 4])
+    hook = SAESteering(sae, slots, 5, 4, torch.float32)
+    hook.set_row(1, [(0, float("inf"), 0.0)])  # add, inf
+    hook.set_row(2, [(1, 3e38, -1.0), (2, 3e38, -1.0), (3, -3e38, 0.0)])  # sums past float32
+    hook.set_row(3, [(4, 0.0, 1e39)])  # scale mode: inf * f, NaN where f = 0
+    hook.set_row(4, [(5, 2.0, 0.0)])  # ordinary
+    hidden, residual = torch.randn(6, D), torch.randn(6, D)
+    out, _ = hook(hidden, residual)
+    assert torch.isfinite(out).all()
+    assert (out - hidden)[1:4].abs().amax() <= MAX_DELTA
+    assert torch.equal(out[0], hidden[0])
+    for row in (1, 2, 3):
+        hook.set_row(row, [])
+    calm, _ = hook(hidden, residual)
+    assert torch.equal(out[[0, 4, 5]], calm[[0, 4, 5]])

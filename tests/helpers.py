@@ -3,10 +3,16 @@ for the worker's routing."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from benchmarks.soak import engine_metrics
 from features.sae import SAE
 from steering import wire
 from steering.hook import SAESteering
@@ -32,6 +38,38 @@ def server_tokens(client, model: str, prompt_ids: list[int], max_tokens: int, st
     choice = response.choices[0]
     assert len(choice.token_ids) == max_tokens
     return choice.token_ids
+
+
+T = TypeVar("T")
+
+
+def in_one_batch(url: str, calls: list[Callable[[], T]]) -> list[T]:
+    """Every call made at once, each from its own thread, and their results in order; fails unless
+    the engine at `url` had all of them running at the same time.
+
+    Requests sent together can reach the engine steps apart, and one that finished before its
+    batchmates arrived says nothing about isolation. vLLM's `vllm:num_requests_running` gauge (the
+    scheduler's running requests, set after every engine step) is read from /metrics until the
+    last answer is in; it must have reached the number of calls. Nothing else may use the engine
+    meanwhile. A missed reading can only fail the check, never pass it.
+    """
+    done, peak = threading.Event(), [0.0]
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], engine_metrics(url)["vllm:num_requests_running"])
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            futures = [pool.submit(call) for call in calls]
+            results = [f.result() for f in futures]
+    finally:
+        done.set()
+        sampler.join()
+    assert peak[0] >= len(calls), f"the engine ran at most {peak[0]:.0f} of the {len(calls)} requests at once"
+    return results
 
 
 def spec_and_reference(saes: dict[str, SAE], features: list[dict]) -> tuple[dict, list[Intervention]]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
-from tests.helpers import chat_prompt_ids, server_tokens, spec_and_reference
+from tests.helpers import chat_prompt_ids, in_one_batch, server_tokens, spec_and_reference
 from tests.reference import greedy
 
 N = 24
@@ -12,31 +12,32 @@ STRONG_A = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 4.
 STRONG_B = {"features": [{"sae": "topk", "index": 1, "mode": "clamp", "strength": 5.0, "unit": "max_act"}]}
 
 
-def _concurrently(client, model_name, jobs: list[tuple[list[int], dict | None]]) -> list[list[int]]:
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(server_tokens, client, model_name, ids, N, spec) for ids, spec in jobs]
-        return [f.result() for f in futures]
+def _concurrently(server, client, model_name, jobs: list[tuple[list[int], dict | None]]) -> list[list[int]]:
+    """Each job's greedy tokens, the engine running all the jobs in one batch."""
+    return in_one_batch(server.url, [partial(server_tokens, client, model_name, ids, N, spec) for ids, spec in jobs])
 
 
-def test_unsteered_request_unaffected_by_steered_batchmates(client, model_name, tokenizer):
-    ids = chat_prompt_ids(tokenizer, "Tell me about your favourite animal.")
-    other = chat_prompt_ids(tokenizer, "List three colours.")
-    alone = server_tokens(client, model_name, ids, N)
-    steered_alone = server_tokens(client, model_name, ids, N, STRONG_A)
-    assert steered_alone != alone
-    jobs = [(ids, None), (ids, STRONG_A), (other, STRONG_B), (ids, STRONG_B), (other, STRONG_A), (ids, None)]
-    results = _concurrently(client, model_name, jobs)
-    assert results[0] == alone and results[5] == alone
-    assert results[1] == steered_alone
-    assert results[3] == server_tokens(client, model_name, ids, N, STRONG_B)
+def test_unsteered_request_unaffected_by_steered_batchmates(server, client, model_name, tokenizer):
+    prompts = {
+        "animal": chat_prompt_ids(tokenizer, "Tell me about your favourite animal."),
+        "colour": chat_prompt_ids(tokenizer, "List three colours."),
+    }
+    specs = {"none": None, "A": STRONG_A, "B": STRONG_B}
+    alone = {(p, s): server_tokens(client, model_name, prompts[p], N, specs[s]) for p in prompts for s in specs}
+    for p in prompts:  # each steering changes each answer: one run with a batchmate's steering would show
+        assert len({tuple(alone[(p, s)]) for s in specs}) == len(specs), f"{p}: steering too weak to test"
+    jobs = [("animal", "none"), ("animal", "A"), ("colour", "B"), ("animal", "B"), ("colour", "A"), ("animal", "none")]
+    results = _concurrently(server, client, model_name, [(prompts[p], specs[s]) for p, s in jobs])
+    assert results == [alone[job] for job in jobs]
 
 
-def test_different_steering_sharing_a_prompt_prefix(client, model_name, tokenizer, hf_model, saes):
+def test_different_steering_sharing_a_prompt_prefix(server, client, model_name, tokenizer, hf_model, saes):
     prefix = "You are a careful assistant. " * 20
     a = chat_prompt_ids(tokenizer, prefix + "Describe a city at night.")
     b = chat_prompt_ids(tokenizer, prefix + "Describe a forest at dawn.")
-    results = _concurrently(client, model_name, [(a, STRONG_A), (b, STRONG_B), (a, None), (b, STRONG_A)])
-    for (ids, spec), got in zip([(a, STRONG_A), (b, STRONG_B), (a, None), (b, STRONG_A)], results):
+    jobs = [(a, STRONG_A), (b, STRONG_B), (a, None), (b, STRONG_A)]
+    results = _concurrently(server, client, model_name, jobs)
+    for (ids, spec), got in zip(jobs, results):
         _, interventions = spec_and_reference(saes, spec["features"]) if spec else ({}, [])
         assert got == greedy(hf_model, ids, N, interventions)
 

@@ -76,7 +76,12 @@ def test_zero_strength_add_equals_no_steering(client, model_name, prompts):
 
 
 def test_long_generation_chunked_prefill(client, model_name, hf_model, saes, tokenizer):
-    """>= 200 tokens from a prompt prefilled in several chunks stay equal to the reference."""
+    """200 tokens from a prompt prefilled in several chunks equal the reference, unsteered and steered.
+
+    Both sides are float32 and greedy. Rounding differences between the server's chunked, paged
+    forward and transformers' one could in principle flip a near-tie, but none does in these 200
+    tokens, so every one of them must agree: a late difference is a fault, not noise.
+    """
     story = " ".join(f"Chapter {i}: the travellers crossed river number {i} and counted {i * 7} stones." for i in range(40))
     ids = chat_prompt_ids(tokenizer, f"Summarise this story.\n{story}")
     assert len(ids) > 2 * PREFILL_CHUNK, "the prompt must span several prefill chunks"
@@ -84,10 +89,9 @@ def test_long_generation_chunked_prefill(client, model_name, hf_model, saes, tok
     spec, interventions = spec_and_reference(
         saes, [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 3.0, "unit": "max_act"}]
     )
-    plain_ref, plain_srv = greedy(hf_model, ids, n), server_tokens(client, model_name, ids, n)
-    steered_ref, steered_srv = greedy(hf_model, ids, n, interventions), server_tokens(client, model_name, ids, n, spec)
+    plain_ref, steered_ref = greedy(hf_model, ids, n), greedy(hf_model, ids, n, interventions)
     assert steered_ref != plain_ref
-    agree = common_prefix(plain_srv, plain_ref)
-    # Where float rounding lets the unsteered outputs agree, the steered ones must agree as far.
-    assert common_prefix(steered_srv, steered_ref) >= min(agree, n), (agree, common_prefix(steered_srv, steered_ref))
-    assert agree >= 64, f"unsteered server and reference diverge after {agree} tokens"
+    plain_srv = server_tokens(client, model_name, ids, n)
+    assert plain_srv == plain_ref, f"unsteered: the server parts after {common_prefix(plain_srv, plain_ref)}"
+    steered_srv = server_tokens(client, model_name, ids, n, spec)
+    assert steered_srv == steered_ref, f"steered: the server parts after {common_prefix(steered_srv, steered_ref)}"

@@ -65,7 +65,8 @@ def test_search_by_text(server):
 
 
 def test_discovery_errors(server):
-    assert _get(server, "/v1/saes/nope/features").json()["error"]["param"] == "sae"
+    unknown = _get(server, "/v1/saes/nope/features")
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "sae"
     no_catalogue = _get(server, "/v1/saes/jr/features", q="x")
     assert no_catalogue.status_code == 404 and "no feature catalogue" in no_catalogue.json()["error"]["message"]
     out_of_range = _get(server, "/v1/saes/default/features/999999")

@@ -106,7 +106,8 @@ def test_presets_file_reloads_while_serving(server, presets_file, client):
     try:
         presets_file.write_text(added)
         assert _wait_for(lambda: "test-new" in _names(server)), "a valid edit takes effect"
-        assert client.chat.completions.create(model="test-new", messages=MESSAGES, max_tokens=2).choices
+        served = client.chat.completions.create(model="test-new", messages=MESSAGES, max_tokens=2)
+        assert served.model_extra["steering"]["preset"] == "test-new", served.model_extra
         presets_file.write_text(added.replace("[{sae: jr, index: 2,", "[{sae: jr, index: 99999,"))
         assert _wait_for(lambda: "presets reload rejected" in server.log_text()), "an invalid edit is logged"
         assert _names(server) == ["test-clamp", "test-mix", "test-new"], "and the old presets keep serving"
@@ -139,7 +140,8 @@ def test_presets_only_key(server, model_name):
             model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": {"features": CLAMP}}
         )
     assert denied.value.body["param"] == "raw_features"
-    assert key.chat.completions.create(model="test-clamp", messages=MESSAGES).choices
+    granted = key.chat.completions.create(model="test-clamp", messages=MESSAGES)
+    assert granted.model_extra["steering"]["preset"] == "test-clamp" and granted.usage.completion_tokens == 12
     with pytest.raises(PermissionDeniedError) as other:
         key.chat.completions.create(model="test-mix", messages=MESSAGES, max_tokens=2)
     assert other.value.body["param"] == "presets"
@@ -150,7 +152,7 @@ def test_presets_only_key(server, model_name):
         )
 
 
-def test_capped_key(server, model_name):
+def test_capped_key(server, model_name, saes):
     key = _as(server, "sk-test-capped")
     over = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 2.5, "unit": "max_act"}]}
     with pytest.raises(PermissionDeniedError) as denied:
@@ -163,7 +165,12 @@ def test_capped_key(server, model_name):
     with pytest.raises(PermissionDeniedError):
         key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": prompt_over})
     under = {"features": [{**over["features"][0], "strength": 1.5}], "prompt_scale": 0.5}
-    assert key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": under})
+    served = key.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": under}
+    ).model_extra["steering"]
+    # served as asked: the cap refuses what passes it, and trims nothing below it
+    assert served["features"][0]["strength"] == pytest.approx(1.5 * float(saes["jr"].max_act[0])), served
+    assert served["prompt_scale"] == 0.5, served
 
 
 def test_protected_features(server, model_name):
@@ -182,7 +189,8 @@ def test_protected_features(server, model_name):
         with pytest.raises(PermissionDeniedError) as denied:
             ask(feature)
         assert denied.value.body["param"] == "protected"
-    assert ask({"sae": "jr", "index": 5, "mode": "add", "strength": 3.0}).choices
+    allowed = ask({"sae": "jr", "index": 5, "mode": "add", "strength": 3.0}).model_extra["steering"]
+    assert allowed["features"] == [{"sae": "jr", "index": 5, "mode": "add", "strength": 3.0, "unit": "raw"}], allowed
 
 
 def _counter(server, name: str, **labels) -> float:

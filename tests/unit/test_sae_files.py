@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 
-from core.local import serve_command
 from features.sae import SAEFormatError, load_sae
+from server.cli import build_parser
+from server.startup import StartupError, steering_settings
 from tests.saes import make_sae
 
 
@@ -56,13 +56,9 @@ def test_nan_weights_refused(tmp_path):
         load_sae("x", sae.path)
 
 
-def test_serve_refuses_sae_that_does_not_fit_the_model(tmp_path, model_dir):
+def test_startup_refuses_sae_that_does_not_fit_the_model(tmp_path, model_dir):
+    """The check itself; tests/server/test_cli.py runs it through `steerserve serve`."""
     sae = make_sae(tmp_path, "jumprelu", "none")  # d_in 12, the model's hidden size is 576
-    result = subprocess.run(
-        serve_command("--model", str(model_dir), "--sae", f"small={sae.path}"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "cfg.json: d_in 12 does not match the model's hidden size 576" in result.stderr
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--sae", f"small={sae.path}"])
+    with pytest.raises(StartupError, match="cfg.json: d_in 12 does not match the model's hidden size 576"):
+        steering_settings(model_dir, args)

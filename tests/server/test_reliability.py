@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import psutil
@@ -24,7 +25,7 @@ from openai import OpenAI
 from benchmarks.soak import engine_metrics
 from core.local import Server, stop_server
 from features.sae import save_sae
-from tests.helpers import chat_prompt_ids
+from tests.helpers import chat_prompt_ids, in_one_batch
 from tests.serving import PREFILL_CHUNK, start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -168,10 +169,12 @@ REFUSED = {
 }  # fmt: skip
 
 
-def _complete(server: Server, prompt: str, steering: list[dict] | dict | None) -> httpx.Response:
+def _complete(server: Server, prompt: str, steering: list[dict] | dict | None, pace_s: float = 0.0) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1, "ignore_eos": True}
     if steering is not None:
         body["steering"] = steering if isinstance(steering, dict) else {"features": steering}
+    if pace_s:
+        body["vllm_xargs"] = {"pace_s": pace_s}  # tests/pacing.py: a floor under each step; the tokens are unchanged
     return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
 
 
@@ -181,17 +184,22 @@ def _tokens_and_logprobs(response: httpx.Response) -> tuple[list[str], list[floa
     return logprobs["tokens"], logprobs["token_logprobs"]
 
 
+BATCH_PACE_S = 0.2
+
+
 def test_extreme_steering_completes_or_is_refused_and_batchmates_are_unaffected(small_kv):
     plain = ["The capital of France is", "Once upon a time", "def add(a, b):"]
     alone = [_tokens_and_logprobs(_complete(small_kv, p, None)) for p in plain]
-    with ThreadPoolExecutor(16) as pool:
-        extreme = {name: pool.submit(_complete, small_kv, plain[0], spec) for name, spec in EXTREMES.items()}
-        batchmates = [pool.submit(_complete, small_kv, p, None) for p in plain * 2]
-        for name, future in extreme.items():
-            tokens, logprobs = _tokens_and_logprobs(future.result())
-            assert len(tokens) == 12 and all(math.isfinite(x) for x in logprobs), name
-        for n, future in enumerate(batchmates):
-            assert _tokens_and_logprobs(future.result())[0] == alone[n % len(plain)][0]
+    # Paced: sent together, requests can reach the engine steps apart, and unpaced, at most 10 of
+    # these 11 were once seen running at once. in_one_batch checks that all of them met.
+    calls = [partial(_complete, small_kv, plain[0], spec, BATCH_PACE_S) for spec in EXTREMES.values()]
+    calls += [partial(_complete, small_kv, p, None, BATCH_PACE_S) for p in plain * 2]
+    responses = in_one_batch(small_kv.url, calls)
+    for name, response in zip(EXTREMES, responses):
+        tokens, logprobs = _tokens_and_logprobs(response)
+        assert len(tokens) == 12 and all(math.isfinite(x) for x in logprobs), name
+    for n, response in enumerate(responses[len(EXTREMES) :]):
+        assert _tokens_and_logprobs(response)[0] == alone[n % len(plain)][0]
     # and nothing non-finite was left in KV-cache blocks that later requests reuse
     assert [_tokens_and_logprobs(_complete(small_kv, p, None)) for p in plain] == alone
     for name, (spec, param) in REFUSED.items():

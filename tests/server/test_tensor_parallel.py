@@ -12,13 +12,13 @@ are compared with the transformers reference run on the same context (teacher fo
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 from openai import OpenAI
 
 from core.local import Server, stop_server
-from tests.helpers import chat_prompt_ids, spec_and_reference
+from tests.helpers import chat_prompt_ids, in_one_batch, spec_and_reference
 from tests.reference import next_token_logprobs
 from tests.serving import start_side_server
 
@@ -26,6 +26,7 @@ MODEL = "SmolLM2-135M-Instruct"
 TP = 3
 N_TOKENS = 4
 TOP = 5
+PACE_S = 0.5  # a floor under each engine step; unpaced, no more than one of the four was seen running at once
 TOLERANCE = 2e-3  # float32 sums in another order differ by ~1e-5; steering moves log-probabilities by ~1
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?"]
 STEER = [
@@ -40,7 +41,8 @@ def tp_server(tmp_path_factory, sae_dirs) -> Server:
     # named here, and refuses more workers than NUMA nodes otherwise.
     server = start_side_server(
         tmp_path_factory, sae_dirs, "tp",
-        ["--enforce-eager", "--max-num-seqs", "16", "--", "--tensor-parallel-size", str(TP)],
+        ["--enforce-eager", "--max-num-seqs", "16",
+         "--", "--tensor-parallel-size", str(TP), "--logits-processors", "tests.pacing:Pacer"],
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"},
     )  # fmt: skip
     yield server
@@ -50,6 +52,7 @@ def tp_server(tmp_path_factory, sae_dirs) -> Server:
 def _generate(client: OpenAI, ids: list[int], steering: dict | None) -> tuple[list[int], list[dict[int, float]]]:
     """Greedy token ids and, for each, the top log-probabilities by token id."""
     extra = {"ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    extra["vllm_xargs"] = {"pace_s": PACE_S}  # tests/pacing.py: requests sent together share steps
     if steering is not None:
         extra["steering"] = steering
     choice = client.completions.create(
@@ -64,8 +67,8 @@ def test_every_rank_steers_alike(tp_server, hf_model, tokenizer, saes):
     client = OpenAI(base_url=f"{tp_server.url}/v1", api_key="unused", max_retries=0, timeout=600)
     spec, interventions = spec_and_reference(saes, STEER)
     jobs = [(chat_prompt_ids(tokenizer, p), s) for p in PROMPTS for s in (None, spec)]
-    with ThreadPoolExecutor(len(jobs)) as pool:  # steered and unsteered in one batch
-        answers = list(pool.map(lambda job: _generate(client, *job), jobs))
+    # steered and unsteered in one batch
+    answers = in_one_batch(tp_server.url, [partial(_generate, client, *job) for job in jobs])
 
     moved = 0.0
     for (ids, steering), (tokens, top) in zip(jobs, answers):

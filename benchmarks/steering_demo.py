@@ -1,13 +1,14 @@
 """Does steering with the default SAE work? `python -m benchmarks.steering_demo [--url URL]`
 
 For each concept: find candidate features through the server's search API (by words, and by a
-text about the concept), clamp each on a short pilot of other prompts, and keep the best one and
-a team of the best few. Then clamp the best feature alone (with the prompt steered as hard as the
-answer, and with the prompt steered PROMPT_SCALE times harder), and the team together, over 30
-neutral prompts at several strengths, and measure how many answers mention the concept (keywords, and
-sentence-embedding similarity) and how fluent they stay (perplexity under the unsteered model,
-and the share of repeated 3-grams). Writes steering_demo.json, .md and .png under
-benchmarks/results/.
+text about the concept), clamp each on the pilot prompts, and keep the best one and a team of the
+best few. Then, still on the pilot, clamp the best feature alone (with the prompt steered as hard
+as the answer, and with the prompt steered PROMPT_SCALE times harder) and the team together at
+several strengths, and choose the setting with the most mentions whose median perplexity stays
+within 3x unsteered. Only that setting, and the unsteered model, then answer the 30 evaluation
+prompts, which nothing was chosen on; those are the figures reported. Mentions are judged by
+keywords and by sentence-embedding similarity; fluency by perplexity under the unsteered model and
+the share of repeated 3-grams. Writes steering_demo.json, .md and .png under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -40,26 +41,32 @@ PROMPTS = [
     "What should I read next?", "How can I be more productive?", "Describe a walk in the park.",
     "Give me ideas for a rainy day.", "Explain why the sky is blue.",
 ]  # fmt: skip
-# Chosen on, and never evaluated on: the pilot that picks each concept's features.
+# Chosen on, and never evaluated on: the pilot that picks each concept's features and setting.
+# 16 prompts, so that a mention rate on them moves in steps of 6%, not 12%.
 PILOT_PROMPTS = [
     "What is a good hobby to pick up?", "How do I cook rice?", "Write a limerick about a cat.",
     "What should I name my goldfish?", "Give me advice for a first date.", "How do I fix a flat tyre?",
     "Describe your perfect breakfast.", "What is the meaning of friendship?",
+    "How do I choose a good pair of shoes?", "Write a short note inviting a neighbour to tea.",
+    "What are good habits to start this year?", "Explain how a bicycle's gears work.",
+    "Give me a plan for clearing out a cupboard.", "What questions should I ask a new doctor?",
+    "Describe a snowy afternoon in a small town.", "How do I bake bread without a mixer?",
 ]  # fmt: skip
 # Clamp targets, in multiples of each feature's max activation: one feature alone, and a team of
 # TEAM features at once (each one lower, since their pushes add up).
 STRENGTHS = [2.0, 3.0, 4.0, 6.0]
 TEAM_STRENGTHS = [0.75, 1.0, 1.25, 1.5, 2.0]
 # The best feature once more with `prompt_scale`: the prompt read PROMPT_SCALE times more strongly
-# steered than the answer is written. 4 was chosen on the pilot prompts (and 8 more of the same
-# kind), never on the evaluation prompts: there, for the bridge feature, it gave far more mentions
-# at the same perplexity than steering every token alike.
+# steered than the answer is written. 4 was chosen with transformers and the same hook on the
+# first 8 pilot prompts and 8 more of the same kind, never on the evaluation prompts: for the
+# bridge feature it gave far more mentions at the same perplexity than steering every token alike.
 PROMPT_SCALE = 4.0
 PROMPT_WEIGHTED_STRENGTHS = [1.0, 1.25, 1.5, 2.0]
 PILOT_STRENGTH = 4.0
 TEAM = 5
 MAX_TOKENS = 80
 EMBEDDING_THRESHOLD = 0.3  # cosine similarity to the concept's description that counts as about it
+FLUENCY_LIMIT = 3.0  # a setting may be chosen if its median perplexity is at most this x unsteered
 SAE = "default"
 
 
@@ -131,10 +138,10 @@ class Judges:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-async def answers(url: str, steering: dict | None, prompts: list[str]) -> list[str]:
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+async def _answers(url: str, steerings: list[dict | None], prompts: list[str]) -> list[list[str]]:
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1800)
 
-    async def one(n: int, prompt: str) -> str:
+    async def one(steering: dict | None, n: int, prompt: str) -> str:
         extra = {"steering": steering} if steering else {}
         reply = await client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
@@ -143,9 +150,17 @@ async def answers(url: str, steering: dict | None, prompts: list[str]) -> list[s
         return reply.choices[0].message.content or ""
 
     try:
-        return list(await asyncio.gather(*(one(n, p) for n, p in enumerate(prompts))))
+        flat = await asyncio.gather(*(one(s, n, p) for s in steerings for n, p in enumerate(prompts)))
     finally:
         await client.close()
+    return [flat[i : i + len(prompts)] for i in range(0, len(flat), len(prompts))]
+
+
+def answers(url: str, steerings: list[dict | None], prompts: list[str]) -> list[list[str]]:
+    """Each steering's answers to every prompt (seed = the prompt's position, the same for every
+    steering). All are sent at once: the engine batches a whole sweep, far faster on a CPU than one
+    steering at a time."""
+    return asyncio.run(_answers(url, steerings, prompts))
 
 
 def candidates(url: str, concept: Concept) -> list[dict]:
@@ -177,50 +192,77 @@ def score(concept: Concept, judges: Judges, texts: list[str], prompts: list[str]
     }
 
 
-def pilot(url: str, concept: Concept, judges: Judges, found: list[dict]) -> list[dict]:
+def screen(url: str, concept: Concept, judges: Judges, found: list[dict]) -> list[dict]:
     """Each candidate clamped alone on the pilot prompts: the share of answers that mention the
     concept and their median perplexity, best first."""
     rows = []
-    for candidate in found:
-        texts = asyncio.run(answers(url, clamp([candidate["index"]], PILOT_STRENGTH), PILOT_PROMPTS))
+    answered = answers(url, [clamp([c["index"]], PILOT_STRENGTH) for c in found], PILOT_PROMPTS)
+    for candidate, texts in zip(found, answered):
         ppl = statistics.median(judges.perplexity(p, t) for p, t in zip(PILOT_PROMPTS, texts))
         rows.append({"index": candidate["index"], "label": candidate["label"],
                      "keyword_rate": sum(mentions(concept, t) for t in texts) / len(texts), "median_perplexity": ppl})  # fmt: skip
     return sorted(rows, key=lambda r: (-r["keyword_rate"], r["median_perplexity"]))
 
 
+def measure(url: str, concept: Concept, judges: Judges, target: torch.Tensor, prompts: list[str],
+            settings: list[tuple[list[int], float, float]]) -> list[dict]:  # fmt: skip
+    """Each clamp setting's (features, strength, prompt_scale) answers to `prompts`, scored."""
+    answered = answers(url, [clamp(*setting) for setting in settings], prompts)
+    rows = []
+    for (features, strength, prompt_scale), texts in zip(settings, answered):
+        row = {"features": features, "strength": strength, "prompt_scale": prompt_scale, **score(concept, judges, texts, prompts, target)}
+        print(f"  {steering_name(row)} at {strength:g} x max_act on {len(prompts)} prompts: mentions {row['keyword_rate']:.0%} "
+              f"(embedding {row['embedding_rate']:.0%}), median ppl {row['median_perplexity']:.1f}, "
+              f"repetition {row['repetition']:.2f}", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def unsteered_row(concept: Concept, judges: Judges, target: torch.Tensor, prompts: list[str], texts: list[str]) -> dict:
+    """The unsteered answers to `prompts`, scored for `concept`: the baseline every row is compared with."""
+    return {"features": [], "strength": 0.0, "prompt_scale": 1.0, **score(concept, judges, texts, prompts, target)}
+
+
+def choose(pilot: list[dict]) -> tuple[int, bool]:
+    """The pilot row (after the unsteered one, row 0) with the most mentions whose median perplexity
+    is within FLUENCY_LIMIT x unsteered, the less perplexing on a tie, and True; if no row is that
+    fluent, the least perplexing one and False."""
+    limit = FLUENCY_LIMIT * pilot[0]["median_perplexity"]
+    steered = range(1, len(pilot))
+    fluent = [n for n in steered if pilot[n]["median_perplexity"] <= limit]
+    if fluent:
+        return max(fluent, key=lambda n: (pilot[n]["keyword_rate"], -pilot[n]["median_perplexity"])), True
+    return min(steered, key=lambda n: pilot[n]["median_perplexity"]), False
+
+
 def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
     results = []
-    baseline = asyncio.run(answers(url, None, PROMPTS))
+    # Answered once, scored per concept.
+    unsteered = {"pilot": answers(url, [None], PILOT_PROMPTS)[0], "evaluation": answers(url, [None], PROMPTS)[0]}
     for concept in concepts:
         found = candidates(url, concept)
-        ranked = [r for r in pilot(url, concept, judges, found) if r["keyword_rate"] > 0]
+        ranked = [r for r in screen(url, concept, judges, found) if r["keyword_rate"] > 0]
         if not ranked:
             print(f"{concept.name}: no candidate feature made the model mention it on the pilot", flush=True)
             continue
         team = [r["index"] for r in ranked[:TEAM]]
         print(f"{concept.name}: {len(found)} candidates; best {ranked[0]['index']} ({ranked[0]['label']}), team {team}", flush=True)
         target = judges.embed([concept.description])[0]
-        sweep = [{"features": [], "strength": 0.0, "prompt_scale": 1.0, **score(concept, judges, baseline, PROMPTS, target)}]
         best_one = [ranked[0]["index"]]
         settings = [(best_one, s, 1.0) for s in STRENGTHS] + [(best_one, s, PROMPT_SCALE) for s in PROMPT_WEIGHTED_STRENGTHS]
         settings += [(team, s, 1.0) for s in TEAM_STRENGTHS] if len(team) > 1 else []
-        for features, strength, prompt_scale in settings:
-            texts = asyncio.run(answers(url, clamp(features, strength, prompt_scale), PROMPTS))
-            sweep.append({"features": features, "strength": strength, "prompt_scale": prompt_scale,
-                          **score(concept, judges, texts, PROMPTS, target)})  # fmt: skip
-            row = sweep[-1]
-            print(f"  clamp {features} at {strength:g} x max_act, prompt x{prompt_scale:g}: mentions {row['keyword_rate']:.0%} (embedding "
-                  f"{row['embedding_rate']:.0%}), median ppl {row['median_perplexity']:.1f}, repetition {row['repetition']:.2f}", flush=True)  # fmt: skip
-        results.append({"concept": concept.name, "queries": concept.queries, "pilot": ranked, "sweep": sweep})
+        pilot = [unsteered_row(concept, judges, target, PILOT_PROMPTS, unsteered["pilot"])]
+        pilot += measure(url, concept, judges, target, PILOT_PROMPTS, settings)
+        chosen, fluent = choose(pilot)
+        top = pilot[chosen]
+        print(f"{concept.name}: chose {steering_name(top)} at {top['strength']:g} on the pilot; evaluating it", flush=True)
+        evaluation = [
+            unsteered_row(concept, judges, target, PROMPTS, unsteered["evaluation"]),
+            *measure(url, concept, judges, target, PROMPTS, [(top["features"], top["strength"], top["prompt_scale"])]),
+        ]
+        results.append({"concept": concept.name, "queries": concept.queries, "candidates": ranked, "pilot": pilot,
+                        "chosen": chosen, "fluent_on_pilot": fluent, "evaluation": evaluation})  # fmt: skip
     return results
-
-
-def best(result: dict) -> dict:
-    """The setting with the highest mention rate whose median perplexity stays within 3x unsteered."""
-    base = result["sweep"][0]
-    fluent = [r for r in result["sweep"][1:] if r["median_perplexity"] <= 3 * base["median_perplexity"]]
-    return max(fluent or result["sweep"][1:], key=lambda r: (r["keyword_rate"], -r["median_perplexity"]))
 
 
 def family(row: dict) -> str:
@@ -237,66 +279,140 @@ def steering_name(row: dict) -> str:
     return (f"feature {row['features'][0]}" if len(row["features"]) == 1 else "team " + "+".join(map(str, row["features"]))) + weighted
 
 
-def write(results: list[dict], out: Path, seconds: float) -> None:
+def times(row: dict, base: dict) -> float:
+    """A row's median perplexity as a multiple of the unsteered row's on the same prompts."""
+    return row["median_perplexity"] / base["median_perplexity"]
+
+
+def ratio(row: dict, base: dict) -> str:
+    return f"{row['median_perplexity']:.1f} ({times(row, base):.2f}x)"
+
+
+def markdown(results: list[dict], seconds: float) -> str:
+    n_pilot, n_eval = len(PILOT_PROMPTS), len(PROMPTS)
+    method = (
+        f"Every choice was made on {n_pilot} pilot prompts; the figures under *On the evaluation prompts* come from "
+        f"{n_eval} other neutral prompts that nothing was chosen on. On the pilot, per concept: candidate features "
+        f"from the server's search, each clamped alone at {PILOT_STRENGTH:g}x max_act and ranked by mentions; the best "
+        f"one clamped alone (at {', '.join(f'{s:g}' for s in STRENGTHS)}x), the same with `prompt_scale` {PROMPT_SCALE:g} "
+        f"(the prompt's tokens steered {PROMPT_SCALE:g}x as hard as the answer's; at "
+        f"{', '.join(f'{s:g}' for s in PROMPT_WEIGHTED_STRENGTHS)}x), and a team of the best {TEAM} together "
+        f"(at {', '.join(f'{s:g}' for s in TEAM_STRENGTHS)}x each). Chosen: the setting with the most keyword mentions "
+        f"on the pilot whose median perplexity there is within {FLUENCY_LIMIT:g}x the unsteered median there (the "
+        f"less perplexing on a tie). Only that setting and the unsteered model then answered the evaluation prompts. "
+        f"{MAX_TOKENS} tokens, temperature 0.7, seeded; clamp strength in multiples of each feature's max activation. "
+        f"Mentions: keyword match; embedding: cosine similarity >= {EMBEDDING_THRESHOLD:g} to the concept's "
+        f"description (all-MiniLM-L6-v2). Perplexity of the answer under the unsteered model, given the prompt. "
+        f"Run took {seconds:.0f} s."
+    )
+    lines = [
+        "# Steering demo: clamping the default SAE's features",
+        "",
+        method,
+        "",
+        f"## On the evaluation prompts ({n_eval}, never used for choosing)",
+        "",
+        (
+            "| concept | setting, chosen on the pilot | mentions, keywords (unsteered) | mentions, embedding "
+            "(unsteered) | median ppl (x unsteered) | repetition (unsteered) |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        base, top = result["evaluation"]
+        lines.append(
+            f"| {result['concept']} | {steering_name(top)} at {top['strength']:g}x | {top['keyword_rate']:.0%} "
+            f"({base['keyword_rate']:.0%}) | {top['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | "
+            f"{ratio(top, base)} | {top['repetition']:.2f} ({base['repetition']:.2f}) |"
+        )
+    lines.append("")
+    for result in results:
+        (base, top), pilot_base, pilot_top = result["evaluation"], result["pilot"][0], result["pilot"][result["chosen"]]
+        fluent = "" if result["fluent_on_pilot"] else f" (no pilot setting was within {FLUENCY_LIMIT:g}x: the least perplexing)"
+        lines.append(
+            f"- **{result['concept']}**: {steering_name(top)} at {top['strength']:g}x max_act{fluent}. On the evaluation "
+            f"prompts {top['keyword_rate']:.0%} of answers mention it by keyword and {top['embedding_rate']:.0%} by "
+            f"embedding (unsteered {base['keyword_rate']:.0%} and {base['embedding_rate']:.0%}), at "
+            f"{times(top, base):.2f}x the unsteered median perplexity; on the pilot it had {pilot_top['keyword_rate']:.0%} "
+            f"and {pilot_top['embedding_rate']:.0%} at {times(pilot_top, pilot_base):.2f}x. "
+            f"Example (\"{PROMPTS[0]}\"): \"{top['example'][:160]}\""
+        )
+    lines += [
+        "",
+        f"## On the pilot ({n_pilot} prompts): every setting, and the one chosen",
+        "",
+        "| concept | steering | strength | mentions | embedding | median ppl (x unsteered) | repetition | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        base = result["pilot"][0]
+        for n, row in enumerate(result["pilot"]):
+            lines.append(
+                f"| {result['concept']} | {steering_name(row)} | {row['strength']:g} | {row['keyword_rate']:.0%} | "
+                f"{row['embedding_rate']:.0%} | {ratio(row, base)} | {row['repetition']:.2f} | "
+                f"{'**chosen**' if n == result['chosen'] else ''} |"
+            )
+    lines += ["", f"## On the pilot: each candidate clamped alone at {PILOT_STRENGTH:g}x max_act", ""]
+    for result in results:
+        screened = ", ".join(f"{r['index']} {r['keyword_rate']:.0%}" for r in result["candidates"])
+        lines.append(f"- **{result['concept']}** (searched {', '.join(result['queries'])}): {screened}")
+    lines += [
+        "",
+        "## Prompts",
+        "",
+        f"Pilot (choosing only): {'; '.join(PILOT_PROMPTS)}",
+        "",
+        f"Evaluation (reporting only): {'; '.join(PROMPTS)}",
+        "",
+        "![steering demo](steering_demo.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Each concept's pilot sweep as curves, and its chosen setting on the evaluation prompts as a
+    star, joined to the same setting's pilot point: how far the choice carried over."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "steering_demo.json").write_text(json.dumps({"seconds": round(seconds), "results": results}, indent=2) + "\n")
-    lines = [
-        "# Steering demo: clamping the default SAE's features",
-        "",
-        f"{len(PROMPTS)} neutral prompts, {MAX_TOKENS} tokens, temperature 0.7, seeded; clamp strength in multiples "
-        f"of each feature's max activation. Features picked on a pilot of {len(PILOT_PROMPTS)} other prompts: the best "
-        f"one alone (also with `prompt_scale` {PROMPT_SCALE:g}: the prompt's tokens steered {PROMPT_SCALE:g}x as hard as "
-        f"the answer's), and a team of the best {TEAM} clamped together. Mentions: keyword match; embedding: cosine "
-        f"similarity >= {EMBEDDING_THRESHOLD} to the concept's description (all-MiniLM-L6-v2). Perplexity of the answer "
-        f"under the unsteered model. Run took {seconds:.0f} s.",
-        "",
-        "| concept | steering | strength | mentions | embedding | median ppl (x unsteered) | repetition |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        base = result["sweep"][0]["median_perplexity"]
-        for row in result["sweep"]:
-            lines.append(
-                f"| {result['concept']} | {steering_name(row)} | {row['strength']:g} | {row['keyword_rate']:.0%} | "
-                f"{row['embedding_rate']:.0%} | {row['median_perplexity']:.1f} ({row['median_perplexity'] / base:.1f}x) | "
-                f"{row['repetition']:.2f} |"
-            )
-    lines += ["", "## At the best fluent setting (median perplexity within 3x unsteered)", ""]
-    for result in results:
-        top, base = best(result), result["sweep"][0]
-        lines.append(
-            f"- **{result['concept']}**: {steering_name(top)} at {top['strength']:g} x max_act: {top['keyword_rate']:.0%} of "
-            f"answers mention it (unsteered {base['keyword_rate']:.0%}), median perplexity {top['median_perplexity']:.1f} "
-            f"({top['median_perplexity'] / base['median_perplexity']:.2f}x unsteered). Example: \"{top['example'][:160]}\""
-        )
-    lines += ["", "## Pilot: each candidate clamped alone", ""]
-    for result in results:
-        pilot = ", ".join(f"{r['index']} {r['keyword_rate']:.0%}" for r in result["pilot"])
-        lines.append(f"- **{result['concept']}** (searched {', '.join(result['queries'])}): {pilot}")
-    lines += ["", "![steering demo](steering_demo.png)", ""]
-    (out / "steering_demo.md").write_text("\n".join(lines))
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    ax.axvspan(0.8, 3, ymin=0.7 / 1.05, color="green", alpha=0.08, label="target: >= 70% mention, <= 3x perplexity")
+    ax.axvspan(0.8, FLUENCY_LIMIT, ymin=0.7 / 1.05, color="green", alpha=0.08,
+               label=f"target: >= 70% mention, <= {FLUENCY_LIMIT:g}x perplexity")  # fmt: skip
     for n, result in enumerate(results):
-        base = result["sweep"][0]["median_perplexity"]
-        families = dict.fromkeys(family(r) for r in result["sweep"][1:])
+        pilot = result["pilot"]
+        families = dict.fromkeys(family(r) for r in pilot[1:])
         for name, style in zip(families, ("-", ":", "--")):
-            rows = [result["sweep"][0]] + [r for r in result["sweep"][1:] if family(r) == name]
-            ax.plot([r["median_perplexity"] / base for r in rows], [r["keyword_rate"] for r in rows], style,
-                    marker="o", color=f"C{n}", label=f"{result['concept']}: {name}")  # fmt: skip
+            rows = [pilot[0]] + [r for r in pilot[1:] if family(r) == name]
+            ax.plot([times(r, pilot[0]) for r in rows], [r["keyword_rate"] for r in rows], style,
+                    marker="o", markersize=3, linewidth=1, color=f"C{n}", alpha=0.6,
+                    label=f"{result['concept']}: {name} (pilot)")  # fmt: skip
+        chosen, (eval_base, top) = pilot[result["chosen"]], result["evaluation"]
+        x, y = times(top, eval_base), top["keyword_rate"]
+        ax.plot([times(chosen, pilot[0]), x], [chosen["keyword_rate"], y], color=f"C{n}", linewidth=0.8)
+        ax.plot([x], [y], marker="*", markersize=16, color=f"C{n}", markeredgecolor="black", linestyle="none",
+                label=f"{result['concept']}: chosen, on the evaluation prompts")  # fmt: skip
     ax.set(xscale="log", xlim=(0.8, None), ylim=(0, 1.05), xlabel="median perplexity / unsteered (log)",
-           ylabel="answers mentioning the concept")  # fmt: skip
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
-    ax.set_title("Clamping default-SAE features over 30 neutral prompts\n(points: unsteered, then rising strength)")
+           ylabel="answers mentioning the concept (keywords)")  # fmt: skip
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 2, not 2x10^0
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5) else ""))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
+    ax.set_title(f"Clamping default-SAE features: settings tried on {len(PILOT_PROMPTS)} pilot prompts (curves),\n"
+                 f"the one chosen there on {len(PROMPTS)} evaluation prompts (stars)")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(out / "steering_demo.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(results: list[dict], out: Path, seconds: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"seconds": round(seconds), "pilot_prompts": PILOT_PROMPTS, "evaluation_prompts": PROMPTS, "results": results}
+    (out / "steering_demo.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "steering_demo.md").write_text(markdown(results, seconds))
+    plot(results, out / "steering_demo.png")
 
 
 def main() -> None:

@@ -27,9 +27,14 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False).input_ids
 
 
-def server_tokens(client, model: str, prompt_ids: list[int], max_tokens: int, steering: dict | None = None) -> list[int]:
-    """Greedy token ids from the server's completions endpoint, ignoring EOS like the reference."""
+def server_tokens(
+    client, model: str, prompt_ids: list[int], max_tokens: int, steering: dict | None = None, pace_s: float = 0.0
+) -> list[int]:
+    """Greedy token ids from the server's completions endpoint, ignoring EOS like the reference.
+    `pace_s` (a server started with tests.pacing:Pacer) adds that much to each step it is in."""
     extra = {"ignore_eos": True, "return_token_ids": True}
+    if pace_s:
+        extra["vllm_xargs"] = {"pace_s": pace_s}
     if steering is not None:
         extra["steering"] = steering
     response = client.completions.create(

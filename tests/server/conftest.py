@@ -37,6 +37,7 @@ def server_args(sae_dirs, presets_file, tmp_path_factory) -> list[str]:
         "--dtype", "float32",  # the reference is float32 transformers: compare like with like
         "--max-steered-requests", str(MAX_STEERED),
         "--", "--max-num-batched-tokens", str(PREFILL_CHUNK),
+        "--logits-processors", "tests.pacing:Pacer",  # tests that need requests to share steps pace them
     ]  # fmt: skip
 
 

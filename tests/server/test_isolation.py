@@ -8,13 +8,17 @@ from tests.helpers import chat_prompt_ids, in_one_batch, server_tokens, spec_and
 from tests.reference import greedy
 
 N = 24
+# Added to every step of a batch (tests/pacing.py): on a fast machine 24 unpaced tokens took less
+# time than one /metrics reading, and in_one_batch could not see the requests meet.
+PACE_S = 0.05
 STRONG_A = {"features": [{"sae": "jr", "index": 0, "mode": "add", "strength": 4.0, "unit": "max_act"}]}
 STRONG_B = {"features": [{"sae": "topk", "index": 1, "mode": "clamp", "strength": 5.0, "unit": "max_act"}]}
 
 
 def _concurrently(server, client, model_name, jobs: list[tuple[list[int], dict | None]]) -> list[list[int]]:
     """Each job's greedy tokens, the engine running all the jobs in one batch."""
-    return in_one_batch(server.url, [partial(server_tokens, client, model_name, ids, N, spec) for ids, spec in jobs])
+    calls = [partial(server_tokens, client, model_name, ids, N, spec, PACE_S) for ids, spec in jobs]
+    return in_one_batch(server.url, calls)
 
 
 def test_unsteered_request_unaffected_by_steered_batchmates(server, client, model_name, tokenizer):

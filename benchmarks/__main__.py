@@ -21,6 +21,7 @@ from benchmarks.harness import MAX_TOKENS, Bench, benchmark_saes, interleaved, s
 from benchmarks.loadtest import Scenario, mixed, random_spec, unsteered
 from benchmarks.report import write_report
 from core.local import stop_server
+from server.cli import model_dtype
 
 REPEATS = 2
 
@@ -80,7 +81,8 @@ def main() -> None:
     finally:
         for server in servers.values():
             stop_server(server)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "dtype": model_dtype("auto")}  # fmt: skip
     summary = write_report(out, bench.results, machine, time.monotonic() - bench.started)
     print(json.dumps(summary["budgets"], indent=2))
 

@@ -16,6 +16,7 @@ import torch
 from benchmarks.loadtest import Result, Scenario, run
 from core.local import Server, ensure_default_model, free_port, home, serve_command, start_server, stop_server
 from features.sae import DEFAULT_SAE, load_sae, save_sae
+from server.cli import model_dtype
 
 PROMPTS = [
     "Give me a recipe for dinner.",
@@ -65,7 +66,7 @@ def start_targets(logs: Path, saes: dict[str, tuple[Path, int]], with_hf: bool) 
         "steerserve": serve_command(*common, *kv, *sae_args),
         "steerserve, no SAE": serve_command(*common, *kv, "--no-default-sae"),
         "plain vLLM": [py, "-m", "benchmarks.plain_vllm", "--model", str(model), "--served-model-name", MODEL,
-                       "--enable-prefix-caching", "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)), *common],
+                       "--enable-prefix-caching", "--dtype", model_dtype("auto"), "--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * 2**30)), *common],
     }  # fmt: skip
     if with_hf:
         commands["hf hooks"] = [py, "-m", "benchmarks.hf_server", "--model", str(model), *sae_args]

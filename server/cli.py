@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization)",
     )
     serve.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use (vLLM's default)")
-    serve.add_argument("--dtype", default="auto", help="model dtype (auto: vLLM's choice, bfloat16 on most CPUs)")
+    serve.add_argument(
+        "--dtype", default="auto", help="model dtype (auto: vLLM's choice, except float32 on an x86 CPU without native bfloat16)"
+    )
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM runs in one batch")
     serve.add_argument("--max-steered-requests", type=int, default=512, help="steered sequences admitted at once")
@@ -162,6 +164,10 @@ def serve(args: argparse.Namespace) -> None:
     except StartupError as exc:
         sys.exit(f"steerserve: {exc}")
 
+    dtype = model_dtype(args.dtype)
+    if dtype != args.dtype:
+        print(f"steerserve: this CPU has no native bfloat16 (AVX512-BF16 or AMX): serving {dtype} (--dtype overrides)",
+              file=sys.stderr, flush=True)  # fmt: skip
     vllm_argv = [
         "--model", str(model),
         "--served-model-name", name,
@@ -170,7 +176,7 @@ def serve(args: argparse.Namespace) -> None:
         *memory_args(args),
         "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(args.max_num_seqs),
-        "--dtype", args.dtype,
+        "--dtype", dtype,
         "--additional-config", json.dumps(settings.additional_config()),
         "--enable-prefix-caching",
         "--shutdown-timeout", str(args.shutdown_timeout),
@@ -192,6 +198,21 @@ def serve(args: argparse.Namespace) -> None:
     # so a supervisor restarts the server.
     if Lifecycle.current is not None and Lifecycle.current.engine_died():
         sys.exit("steerserve: the engine process died; exiting")
+
+
+def model_dtype(requested: str) -> str:
+    """The --dtype vLLM gets. "auto" is vLLM's choice (the checkpoint's dtype: bfloat16 for most
+    models, on CPU too), except on an x86 CPU with neither AVX512-BF16 nor AMX: there torch runs
+    bfloat16 matmuls in a scalar fallback, many times slower than float32, so float32 is served."""
+    import platform
+
+    import torch
+    from vllm.platforms import current_platform
+
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if requested == "auto" and current_platform.is_cpu() and platform.machine() == "x86_64" and not native_bf16:
+        return "float32"
+    return requested
 
 
 def memory_args(args: argparse.Namespace) -> list[str]:

@@ -204,15 +204,15 @@ def model_dtype(requested: str) -> str:
     """The --dtype vLLM gets. "auto" is vLLM's choice (the checkpoint's dtype: bfloat16 for most
     models, on CPU too), except on an x86 CPU with neither AVX512-BF16 nor AMX: there torch runs
     bfloat16 matmuls in a scalar fallback, many times slower than float32, so float32 is served."""
+    if requested != "auto":
+        return requested
     import platform
 
     import torch
     from vllm.platforms import current_platform
 
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if requested == "auto" and current_platform.is_cpu() and platform.machine() == "x86_64" and not native_bf16:
-        return "float32"
-    return requested
+    return "float32" if current_platform.is_cpu() and platform.machine() == "x86_64" and not native_bf16 else requested
 
 
 def memory_args(args: argparse.Namespace) -> list[str]:

@@ -178,6 +178,19 @@ class SAE:
         pre = torch.einsum("td,tkd->tk", xin, tables["enc"][slots]) + tables["enc_bias"][slots]
         return self.activation(pre, {name: tables[name][slots] for name in self.per_feature})
 
+    def row_activations(
+        self, xin: torch.Tensor, row: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """f [T, K] of one table row's K features at every token of xin [T, d_in]: the per-request
+        path, for tokens that all read the same row.
+
+        Semantics: pre[t, k] = xin[t] . enc[k] + enc_bias[k], then `activation` with the row's
+        `per_feature` values. `row` holds one row of each of the hook's tables ([K, ...]: enc,
+        enc_bias, feature, and one per `per_feature` name); `dense` as for `selected_activations`.
+        """
+        pre = xin @ row["enc"].T + row["enc_bias"]
+        return self.activation(pre, {name: row[name] for name in self.per_feature})
+
     def encode_scaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature activations [T, d_sae], normalisation factor [T, 1]) of residual vectors x [T, d_in]."""
         xin, scale = self.sae_in(x)
@@ -242,10 +255,19 @@ class TopKSAE(SAE):
     def selected_activations(
         self, xin: torch.Tensor, slots: torch.Tensor, tables: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        # Membership in the top k is decided on the very numbers it is measured against.
         full = xin @ dense["W_enc"] + dense["b_enc"]
+        return self._in_top_k(full, full.gather(1, tables["feature"][slots]))
+
+    def row_activations(
+        self, xin: torch.Tensor, row: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        full = xin @ dense["W_enc"] + dense["b_enc"]
+        return self._in_top_k(full, full[:, row["feature"]])
+
+    def _in_top_k(self, full: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """f [T, K] of selected pre-activations `pre`, taken from each token's full row `full` [T, d_sae]."""
+        # Membership in the top k is decided on the very numbers it is measured against.
         kth = torch.topk(full, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
-        pre = full.gather(1, tables["feature"][slots])
         return torch.relu(pre) * (pre >= kth)
 
 

@@ -1,18 +1,28 @@
 """The steering op at one SAE's hook point, fed by persistent tables.
 
-Routing is tensor content, never Python: `slot_of_token[t]` names the table row that
-token t reads (row 0 is all zeros: no steering), row r holds up to K features of
-one request, and `weight_of_token[t]` multiplies token t's delta (its request's
-prompt_scale on prompt tokens, else 1). Nothing here branches on data or leaves the
-device, and every shape is fixed by T, so torch.compile traces it once and a CUDA graph
-can replay it while the runner rewrites the tables in place between steps.
+Table row r holds up to K features of one request (row 0 is all zeros: no steering), and
+`weight_of_token[t]` multiplies token t's delta (its request's prompt_scale on prompt tokens,
+else 1). Two paths read them, chosen by device, equal to float32 rounding:
 
-Cost: each step gathers every token's row, `enc[slots]` and `dec[slots]`, two [T, K, d_in]
-float32 transients per SAE, whether or not anyone steers; a TopK SAE also encodes every token
-at full width. The feature math itself (pre-activation, f) is the SAE class's.
+- On CPU, a custom op (`steer_spans_`), opaque to torch.compile, reads the step's host-side
+  routing (`StepRouting`: each steered request's row and its contiguous token range) and adds
+  each request's delta in place, a chunk of its tokens at a time. Work and transient memory
+  follow the steered tokens times their features; a step nobody steers costs a Python loop over
+  nothing. A TopK SAE encodes only the steered tokens at full width.
+- Elsewhere (a GPU), the gathered path (`delta`): routing is tensor content, never Python.
+  `slot_of_token[t]` names the row token t reads; nothing branches on data or leaves the device,
+  and every shape is fixed by T, so a CUDA graph can replay it while the runner rewrites the
+  tables in place between steps. Its cost: each step gathers every token's row, `enc[slots]`
+  and `dec[slots]`, two [T, K, d_in] float32 transients per SAE, whether or not anyone steers,
+  and a TopK SAE encodes every token at full width. It is also the CPU op's reference.
+
+The feature math itself (input pipeline, pre-activation, f) is the SAE class's.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +33,22 @@ from features.sae import SAE
 # model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
 # below what overflows float32 or bfloat16 in the next layer's RMSNorm (d_in squares summed).
 MAX_DELTA = 1e6
+# The CPU op's largest [chunk, width] float32 transient (width d_in, or d_sae for a dense
+# architecture); a handful are alive at once, so an op's transients stay within a few tens of MiB.
+CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class StepRouting:
+    """The step's steered requests, host-side: what the CPU op reads, as the worker writes it
+    before each forward (vLLM lays each request's tokens out contiguously in the step's batch).
+    Shared by every SAE's hook, like the per-token index."""
+
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (row, first token, end token), row > 0
+
+
+# The live hooks by name: the CPU op gets a hook's name, a string constant in the compiled graph.
+_HOOKS: weakref.WeakValueDictionary[str, SAESteering] = weakref.WeakValueDictionary()
 
 
 class SAESteering(nn.Module):
@@ -36,6 +62,7 @@ class SAESteering(nn.Module):
         width: int,
         dtype: torch.dtype,
         weight_of_token: torch.Tensor | None = None,
+        routing: StepRouting | None = None,
     ):
         super().__init__()
         self.cfg = sae.cfg
@@ -66,6 +93,12 @@ class SAESteering(nn.Module):
         self.sae = sae
         self.model_dtype = dtype
         self.max_delta = min(MAX_DELTA, torch.finfo(dtype).max / 8)  # and what a half-precision model can hold
+        # The CPU path's host-side state: the step's spans, and how many features each row holds
+        # here (a request may steer only other SAEs; the rest of a row is zeros, skipped).
+        self.routing = StepRouting() if routing is None else routing
+        self.features_in_row = [0] * rows
+        self.chunk = max(1, CHUNK_BYTES // (4 * (sae.cfg.d_sae if sae.dense else d_in)))
+        self.name = _register(self)
 
     @torch.no_grad()
     def set_row(self, row: int, features: list[tuple[int, float, float]]) -> None:
@@ -74,6 +107,7 @@ class SAESteering(nn.Module):
         assert len(features) <= width, "the server caps features per SAE at the table width"
         for name in self.table_names:
             getattr(self, name)[row].zero_()
+        self.features_in_row[row] = len(features)
         if not features:
             return
         idx = torch.tensor([i for i, _, _ in features], dtype=torch.long)
@@ -88,25 +122,88 @@ class SAESteering(nn.Module):
         self.c1[row, :n] = torch.tensor([c1 for _, _, c1 in features], device=device)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The steering delta [T, d_in] for residual vectors x [T, d_in]."""
+        """The steering delta [T, d_in] for residual vectors x [T, d_in]: the gathered path."""
         slots, weights = self.slot_of_token[: x.shape[0]], self.weight_of_token[: x.shape[0], None]
         xin, scale = self.sae.sae_in(x, self.b_dec)
         tables = {name: getattr(self, name) for name in self.table_names}
-        dense = {"W_enc": self.W_enc, "b_enc": self.b_enc} if self.sae.dense else {}
-        f = self.sae.selected_activations(xin, slots, tables, dense)
+        f = self.sae.selected_activations(xin, slots, tables, self._dense())
         coef = (self.c0[slots] + self.c1[slots] * f) * weights
         # The reconstruction lives in the SAE's normalised space; map the delta back.
-        delta = torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale
-        # The numerical guard. Extreme coefficients or statistics can make a delta inf or NaN; in
-        # the residual stream that turns this token's logits to NaN, and the NaN it writes into
-        # KV-cache blocks outlives the request and poisons later ones that reuse the blocks. So each
-        # token's delta is made finite (NaN -> 0) and, past `max_delta`, scaled down whole, keeping
-        # its direction. Rows whose delta is within bounds (all ordinary steering) are untouched.
-        delta = torch.nan_to_num(delta, nan=0.0)
-        peak = delta.abs().amax(dim=-1, keepdim=True)
-        return delta * (self.max_delta / peak).clamp(max=1.0)
+        return _bounded(torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale, self.max_delta)
+
+    def steer_spans(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Add the steering delta into hidden [T, d_in] in place, one steered request at a time;
+        residual [T, d_in] (stream = hidden + residual). The CPU op's body.
+
+        Semantics:
+            for row, start, end in routing.spans:            # a steered request's tokens
+                K = features_in_row[row]                     # 0: it steers other SAEs only
+                for [a, b) in chunks of [start, min(end, T)), at most `chunk` tokens:
+                    xin, scale = sae_in(hidden[a:b] + residual[a:b])
+                    f = row_activations(xin, tables[row, :K])                       # [b-a, K]
+                    coef = (c0[row, :K] + c1[row, :K] * f) * weight_of_token[a:b]   # [b-a, K]
+                    hidden[a:b] += bounded(coef @ dec[row, :K] / scale)
+        The gathered path's delta, token for token, to float32 rounding. No matmul holds two
+        requests' tokens, so a request's result never depends on its batchmates.
+        """
+        n_tokens = hidden.shape[0]
+        for row, start, end in self.routing.spans:
+            k = self.features_in_row[row]
+            if not k:
+                continue
+            tables = {name: getattr(self, name)[row, :k] for name in self.table_names}
+            for a in range(start, min(end, n_tokens), self.chunk):
+                b = min(a + self.chunk, end, n_tokens)
+                xin, scale = self.sae.sae_in(hidden[a:b] + residual[a:b], self.b_dec)
+                f = self.sae.row_activations(xin, tables, self._dense())
+                coef = (tables["c0"] + tables["c1"] * f) * self.weight_of_token[a:b, None]
+                hidden[a:b] += _bounded(coef @ tables["dec"] / scale, self.max_delta).to(hidden.dtype)
+
+    def _dense(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc} if self.sae.dense else {}
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steer a decoder layer's output in vLLM's fused-residual layout (stream = hidden + residual)."""
+        """Steer a decoder layer's output in vLLM's fused-residual layout (stream = hidden + residual).
+
+        On CPU, `hidden` itself is steered, in place; elsewhere the steered hidden is a new tensor."""
+        if hidden.device.type == "cpu":
+            torch.ops.steerserve.steer_spans_(hidden, residual, self.name)
+            return hidden, residual
         delta = self.delta(hidden + residual)
         return hidden + delta.to(hidden.dtype), residual
+
+
+def _bounded(delta: torch.Tensor, max_delta: float) -> torch.Tensor:
+    """Each token's delta [T, d_in], finite and at most `max_delta` in any element."""
+    # The numerical guard. Extreme coefficients or statistics can make a delta inf or NaN; in
+    # the residual stream that turns this token's logits to NaN, and the NaN it writes into
+    # KV-cache blocks outlives the request and poisons later ones that reuse the blocks. So each
+    # token's delta is made finite (NaN -> 0) and, past `max_delta`, scaled down whole, keeping
+    # its direction. Rows whose delta is within bounds (all ordinary steering) are untouched.
+    delta = torch.nan_to_num(delta, nan=0.0)
+    peak = delta.abs().amax(dim=-1, keepdim=True)
+    return delta * (max_delta / peak).clamp(max=1.0)
+
+
+def _register(hook: SAESteering) -> str:
+    """A name for `hook`, unique among live hooks: its SAE's id, numbered past any live hook of
+    the same SAE (tests build several). A worker builds one hook per SAE, so a fresh worker
+    process names its hooks as the process that compiled a cached graph did."""
+    n = 0
+    while f"{hook.sae.id}#{n}" in _HOOKS:
+        n += 1
+    name = f"{hook.sae.id}#{n}"
+    _HOOKS[name] = hook
+    return name
+
+
+@torch.library.custom_op("steerserve::steer_spans_", mutates_args=("hidden",), device_types="cpu")
+def steer_spans_(hidden: torch.Tensor, residual: torch.Tensor, hook: str) -> None:
+    """hidden [T, d_in] += the steering delta of hook `hook` (`SAESteering.steer_spans`);
+    residual [T, d_in]. Opaque to torch.compile, so host-side routing may steer its work."""
+    _HOOKS[hook].steer_spans(hidden, residual)
+
+
+@steer_spans_.register_fake
+def _(hidden: torch.Tensor, residual: torch.Tensor, hook: str) -> None:
+    """Tracing needs nothing: the op's only effect is on `hidden`, whose shape it keeps."""

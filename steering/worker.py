@@ -9,7 +9,8 @@ moment the data it needs exists:
 - `_prepare_inputs`: once the runner has updated and reordered its persistent batch for
   the step, give each new steered request a table row (from the spec it carries in
   `SamplingParams.extra_args`) and write the token -> row index, and each token's weight
-  (its request's prompt_scale on prompt tokens), in place;
+  (its request's prompt_scale on prompt tokens), in place, and the host-side spans (each
+  steered request's row and token range) that the CPU op reads;
 - `_on_request_state_removed`: free the row when the request finishes or is aborted.
 
 The same module carries a fix for vLLM's CPU runner: without it, a seeded request prefilled in
@@ -35,14 +36,15 @@ from torch import nn
 from core import vllm_internals
 from features.sae import load_sae
 from steering import wire
-from steering.hook import SAESteering
+from steering.hook import SAESteering, StepRouting
 from steering.wire import CONFIG_KEY, EngineSettings
 
 logger = logging.getLogger("steerserve.worker")
 
 
 class Steerer:
-    """Per-worker steering state: the hooks, the token -> row index and weight, and the row allocator."""
+    """Per-worker steering state: the hooks, the token -> row index and weight, the step's spans,
+    and the row allocator."""
 
     def __init__(
         self, model: nn.Module, saes: list[tuple[str, str]], rows: int, width: int, max_num_tokens: int, device: torch.device
@@ -52,6 +54,7 @@ class Steerer:
         self.rows = rows
         self.slot_of_token = torch.zeros(max_num_tokens, dtype=torch.long, device=device)
         self.weight_of_token = torch.ones(max_num_tokens, dtype=torch.float32, device=device)
+        self.routing = StepRouting()
         self._routed = 0  # tokens written by the previous step; the rest of the index is already 0
         self._free = list(range(self.rows - 1, 0, -1))  # row 0 is "no steering"
         self._row_of_req: dict[str, int] = {}
@@ -61,7 +64,7 @@ class Steerer:
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
         for sae_id, path in saes:
             sae = load_sae(sae_id, path)
-            hook = SAESteering(sae, self.slot_of_token, self.rows, width, dtype, self.weight_of_token)
+            hook = SAESteering(sae, self.slot_of_token, self.rows, width, dtype, self.weight_of_token, self.routing)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
         layers = decoder_layers(model)
@@ -87,13 +90,15 @@ class Steerer:
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
     ) -> None:
-        """Write this step's token -> row index and token weights, in the runner's final batch order.
+        """Write this step's token -> row index, token weights and spans, in the runner's final batch order.
 
         `extra_args(req_id)` is a request's SamplingParams.extra_args, where its steering rides.
         `num_computed` and `num_prompt` give, per request in that order, the tokens computed
         before this step and the prompt's length: a token at position < num_prompt is the prompt's.
         """
         rows = np.fromiter((self._row(r, extra_args) for r in req_ids), dtype=np.int64, count=len(req_ids))
+        ends = np.cumsum(num_scheduled_tokens)
+        self.routing.spans = [(int(rows[i]), int(ends[i] - num_scheduled_tokens[i]), int(ends[i])) for i in np.flatnonzero(rows)]
         if not rows.any() and not self._routed:
             return  # nobody steers now or last step: the index is already all zeros
         n = int(num_scheduled_tokens.sum())

@@ -131,25 +131,37 @@ mixed_batches = st.lists(
 token_weights = st.lists(st.sampled_from([1.0, 0.0, 0.5, 3.0]), min_size=64, max_size=64)
 
 
+def route(hook: SAESteering, spans: list[tuple[int, int, int]]) -> None:
+    """Route a step's tokens as the worker does, in both forms the hook reads: each steered
+    request's (row, first token, end token) into the per-token index and into the host-side spans."""
+    hook.slot_of_token.zero_()
+    for row, start, end in spans:
+        hook.slot_of_token[start:end] = row
+    hook.routing.spans = spans
+
+
 def assert_hook_matches_reference(
     sae: SAE, requests: list[list[tuple[int, str, float]]], weights: list[float], seed: int, tokens_per_request: int = 3
 ) -> None:
     """One batch through the table-fed hook: an unsteered request (row 0), then each of `requests`
-    in a row of its own; every token's output must equal the reference's, weighted."""
-    slot_of_token = torch.zeros(64, dtype=torch.long)
+    in a row of its own; every token's output must equal the reference's, weighted, by both the
+    CPU op (`forward` here) and the gathered path."""
     weight_of_token = torch.tensor(weights)
-    hook = SAESteering(sae, slot_of_token, ROWS, WIDTH, torch.float32, weight_of_token)
+    hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, weight_of_token)
     x = torch.randn(tokens_per_request * (len(requests) + 1), sae.cfg.d_in, generator=torch.Generator().manual_seed(seed)) * 3
-    expected = [x[:tokens_per_request]]
+    expected, spans = [x[:tokens_per_request]], []
     for r, features in enumerate(requests, start=1):
         spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=i, mode=m, strength=s) for i, m, s in features])
         resolved = resolve(spec, {"t": sae}, SteeringLimits())
         hook.set_row(r, [(f.index, f.c0, f.c1) for f in resolved.features])
         tokens = slice(r * tokens_per_request, (r + 1) * tokens_per_request)
-        slot_of_token[tokens] = r
+        spans.append((r, tokens.start, tokens.stop))
         xs, w = x[tokens], weight_of_token[tokens, None]
         expected.append(xs + w * (steered_residual(xs, [Intervention(sae, i, m, s) for i, m, s in features]) - xs))
+    route(hook, spans)
     hidden, residual = x * 0.25, x * 0.75  # vLLM's fused layout: stream = hidden + residual
+    gathered = x + hook.delta(x)
     out_hidden, out_residual = hook(hidden, residual)
-    assert out_residual is residual
-    torch.testing.assert_close(out_hidden + out_residual, torch.cat(expected), rtol=1e-4, atol=1e-4)
+    assert out_hidden is hidden and out_residual is residual, "on CPU the op steers in place"
+    for steered in (out_hidden + out_residual, gathered):
+        torch.testing.assert_close(steered, torch.cat(expected), rtol=1e-4, atol=1e-4)

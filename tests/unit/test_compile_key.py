@@ -51,11 +51,12 @@ def test_compile_cache_key_follows_saes_and_tables(model_dir, jr, tmp_path):
 
 
 def test_the_digest_covers_every_traced_function():
-    """Everything the compiled graph runs of ours lives in a file the digest reads: the hook op,
-    the layer callback, and every registered architecture's input pipeline and activation."""
-    traced = [SAESteering.forward, SAESteering.delta, _steer_layer_output]
+    """Everything the compiled graph runs of ours lives in a file the digest reads: the hook's
+    two paths (the CPU op's body too, though opaque to tracing), the layer callback, and every
+    registered architecture's input pipeline and activation."""
+    traced = [SAESteering.forward, SAESteering.delta, SAESteering.steer_spans, _steer_layer_output]
     for cls in ARCHITECTURES.values():
-        traced += [cls.input_scale, cls.sae_in, cls.activation, cls.selected_activations]
+        traced += [cls.input_scale, cls.sae_in, cls.activation, cls.selected_activations, cls.row_activations]
     files = {str(path) for path in traced_files()}
     uncovered = [fn.__qualname__ for fn in traced if fn.__code__.co_filename not in files]
     assert not uncovered, uncovered

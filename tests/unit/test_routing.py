@@ -65,7 +65,7 @@ def test_hook_is_installed_on_the_sae_layer(steerer):
     assert model.layers[sae.cfg.layer].steerserve_0 is fresh.hooks["t"]
     decode(fresh, ["x"], [4], {"x": request(sae, 0)})
     h, r = torch.randn(4, sae.cfg.d_in), torch.zeros(4, sae.cfg.d_in)
-    out, _ = model.layers[sae.cfg.layer](h, r)
+    out, _ = model.layers[sae.cfg.layer](h.clone(), r)
     torch.testing.assert_close(out, h + sae.W_dec[0])
 
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steering.hook import SAESteering
+from steering.hook import MAX_DELTA, SAESteering
 from tests.helpers import assert_hook_matches_reference, mixed_batches, route, token_weights
 from tests.saes import D_SAE, ROWS, WIDTH, D, make_sae
 
@@ -91,3 +91,25 @@ def test_reused_row_forgets_previous_request(tmp_path):
     torch.testing.assert_close(out, x + 2.0 * sae.W_dec[7])
     torch.testing.assert_close(hook.delta(x), 2.0 * sae.W_dec[7].expand(4, D))
 
+
+def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
+    """The hook's guard alone, on both paths: extreme rows come out finite and bounded, every
+    other row exactly as without them (end to end: tests/server/test_reliability.py)."""
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    hook = SAESteering(sae, torch.zeros(6, dtype=torch.long), 5, 4, torch.float32)
+    route(hook, [(1, 1, 2), (2, 2, 3), (3, 3, 4), (4, 4, 6)])
+    hook.set_row(1, [(0, float("inf"), 0.0)])  # add, inf
+    hook.set_row(2, [(1, 3e38, -1.0), (2, 3e38, -1.0), (3, -3e38, 0.0)])  # sums past float32
+    hook.set_row(3, [(4, 0.0, 1e39)])  # scale mode: inf * f, NaN where f = 0
+    hook.set_row(4, [(5, 2.0, 0.0)])  # ordinary
+    hidden, residual = torch.randn(6, D), torch.randn(6, D)
+    paths = {"cpu op": lambda: hook(hidden.clone(), residual)[0], "gathered": lambda: hidden + hook.delta(hidden + residual)}
+    extreme = {name: steer() for name, steer in paths.items()}
+    for row in (1, 2, 3):
+        hook.set_row(row, [])
+    for name, steer in paths.items():
+        out = extreme[name]
+        assert torch.isfinite(out).all(), name
+        assert (out - hidden)[1:4].abs().amax() <= MAX_DELTA, name
+        assert torch.equal(out[0], hidden[0]), name
+        assert torch.equal(out[[0, 4, 5]], steer()[[0, 4, 5]]), name

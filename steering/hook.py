@@ -8,7 +8,9 @@ else 1). Two paths read them, chosen by device, equal to float32 rounding:
   routing (`StepRouting`: each steered request's row and its contiguous token range) and adds
   each request's delta in place, a chunk of its tokens at a time. Work and transient memory
   follow the steered tokens times their features; a step nobody steers costs a Python loop over
-  nothing. A TopK SAE encodes only the steered tokens at full width.
+  nothing. A TopK SAE encodes only the steered tokens at full width. Requests with only a few
+  tokens in the step (decoding) are gathered together, token by token as the gathered path does:
+  a pass of their own would cost more in per-op overhead than gathering their rows.
 - Elsewhere (a GPU), the gathered path (`delta`): routing is tensor content, never Python.
   `slot_of_token[t]` names the row token t reads; nothing branches on data or leaves the device,
   and every shape is fixed by T, so a CUDA graph can replay it while the runner rewrites the
@@ -22,6 +24,7 @@ The feature math itself (input pipeline, pre-activation, f) is the SAE class's.
 from __future__ import annotations
 
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +39,9 @@ MAX_DELTA = 1e6
 # The CPU op's largest [chunk, width] float32 transient (width d_in, or d_sae for a dense
 # architecture); a handful are alive at once, so an op's transients stay within a few tens of MiB.
 CHUNK_BYTES = 8 << 20
+# A steered request's span whose rows, gathered per token, hold at most this many elements
+# (tokens x features x d_in) is gathered with others like it rather than given a pass of its own.
+SMALL_SPAN = 1 << 16
 
 
 @dataclass
@@ -98,6 +104,7 @@ class SAESteering(nn.Module):
         self.routing = StepRouting() if routing is None else routing
         self.features_in_row = [0] * rows
         self.chunk = max(1, CHUNK_BYTES // (4 * (sae.cfg.d_sae if sae.dense else d_in)))
+        self.small_span = SMALL_SPAN
         self.name = _register(self)
 
     @torch.no_grad()
@@ -123,41 +130,69 @@ class SAESteering(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The steering delta [T, d_in] for residual vectors x [T, d_in]: the gathered path."""
-        slots, weights = self.slot_of_token[: x.shape[0]], self.weight_of_token[: x.shape[0], None]
+        n_tokens, width = x.shape[0], self.c0.shape[1]
+        return self._gathered(x, self.slot_of_token[:n_tokens], self.weight_of_token[:n_tokens, None], width)
+
+    def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+        """The delta [T, d_in] of residual vectors x [T, d_in] whose tokens read table rows
+        slots [T], weighted by weights [T, 1], through each row's first k features."""
         xin, scale = self.sae.sae_in(x, self.b_dec)
-        tables = {name: getattr(self, name) for name in self.table_names}
+        tables = {name: getattr(self, name)[:, :k] for name in self.table_names}
         f = self.sae.selected_activations(xin, slots, tables, self._dense())
-        coef = (self.c0[slots] + self.c1[slots] * f) * weights
+        coef = (tables["c0"][slots] + tables["c1"][slots] * f) * weights
         # The reconstruction lives in the SAE's normalised space; map the delta back.
-        return _bounded(torch.einsum("tk,tkd->td", coef, self.dec[slots]) / scale, self.max_delta)
+        return _bounded(torch.einsum("tk,tkd->td", coef, tables["dec"][slots]) / scale, self.max_delta)
 
     def steer_spans(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        """Add the steering delta into hidden [T, d_in] in place, one steered request at a time;
+        """Add the steering delta into hidden [T, d_in] in place, for the steered requests only;
         residual [T, d_in] (stream = hidden + residual). The CPU op's body.
 
         Semantics:
             for row, start, end in routing.spans:            # a steered request's tokens
                 K = features_in_row[row]                     # 0: it steers other SAEs only
-                for [a, b) in chunks of [start, min(end, T)), at most `chunk` tokens:
+                if (end - start) * K * d_in <= small_span:   # decode steps, mostly
+                    set it aside with the other small spans whose rows hold K features
+                else, for [a, b) in chunks of [start, min(end, T)), at most `chunk` tokens:
                     xin, scale = sae_in(hidden[a:b] + residual[a:b])
                     f = row_activations(xin, tables[row, :K])                       # [b-a, K]
                     coef = (c0[row, :K] + c1[row, :K] * f) * weight_of_token[a:b]   # [b-a, K]
                     hidden[a:b] += bounded(coef @ dec[row, :K] / scale)
-        The gathered path's delta, token for token, to float32 rounding. No matmul holds two
-        requests' tokens, so a request's result never depends on its batchmates.
+            for each K, the tokens set aside, idx [n], in groups of at most CHUNK_BYTES of rows:
+                hidden[idx] += the gathered path's delta of those tokens, through K features
+        The gathered path's delta, token for token, to float32 rounding. No matmul mixes two
+        requests' tokens (tokens set aside get one product each, batched, at their own row's K),
+        so a request's result never depends on its batchmates.
         """
-        n_tokens = hidden.shape[0]
+        n_tokens, small = hidden.shape[0], defaultdict(list)
         for row, start, end in self.routing.spans:
-            k = self.features_in_row[row]
-            if not k:
+            k, end = self.features_in_row[row], min(end, n_tokens)
+            if not k or start >= end:
                 continue
-            tables = {name: getattr(self, name)[row, :k] for name in self.table_names}
-            for a in range(start, min(end, n_tokens), self.chunk):
-                b = min(a + self.chunk, end, n_tokens)
-                xin, scale = self.sae.sae_in(hidden[a:b] + residual[a:b], self.b_dec)
-                f = self.sae.row_activations(xin, tables, self._dense())
-                coef = (tables["c0"] + tables["c1"] * f) * self.weight_of_token[a:b, None]
-                hidden[a:b] += _bounded(coef @ tables["dec"] / scale, self.max_delta).to(hidden.dtype)
+            # A span this small costs less gathered than a pass of its own, whose few dozen ops
+            # each cost microseconds. Not for a dense SAE: its full-width encoder would be one
+            # matmul over several requests' tokens.
+            if (end - start) * k * self.cfg.d_in <= self.small_span and not self.sae.dense:
+                small[k].append((row, start, end))
+            else:
+                self._steer_row(hidden, residual, row, k, start, end)
+        for k, spans in small.items():
+            tokens = [t for _, start, end in spans for t in range(start, end)]
+            rows = [row for row, start, end in spans for _ in range(start, end)]
+            per_group = max(1, CHUNK_BYTES // (4 * k * self.cfg.d_in))
+            for g in range(0, len(tokens), per_group):
+                idx, slots = torch.tensor(tokens[g : g + per_group]), torch.tensor(rows[g : g + per_group])
+                delta = self._gathered(hidden[idx] + residual[idx], slots, self.weight_of_token[idx, None], k)
+                hidden.index_add_(0, idx, delta.to(hidden.dtype))
+
+    def _steer_row(self, hidden: torch.Tensor, residual: torch.Tensor, row: int, k: int, start: int, end: int) -> None:
+        """hidden[start:end] [n, d_in] += the delta of one request's tokens through its row's K features."""
+        tables = {name: getattr(self, name)[row, :k] for name in self.table_names}
+        for a in range(start, end, self.chunk):
+            b = min(a + self.chunk, end)
+            xin, scale = self.sae.sae_in(hidden[a:b] + residual[a:b], self.b_dec)
+            f = self.sae.row_activations(xin, tables, self._dense())
+            coef = (tables["c0"] + tables["c1"] * f) * self.weight_of_token[a:b, None]
+            hidden[a:b] += _bounded(coef @ tables["dec"] / scale, self.max_delta).to(hidden.dtype)
 
     def _dense(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc} if self.sae.dense else {}

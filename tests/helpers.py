@@ -15,7 +15,7 @@ from torch import nn
 from benchmarks.soak import engine_metrics
 from features.sae import SAE
 from steering import wire
-from steering.hook import SAESteering
+from steering.hook import SMALL_SPAN, SAESteering
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from steering.wire import CONFIG_KEY
 from tests.reference import Intervention, steered_residual
@@ -144,8 +144,8 @@ def assert_hook_matches_reference(
     sae: SAE, requests: list[list[tuple[int, str, float]]], weights: list[float], seed: int, tokens_per_request: int = 3
 ) -> None:
     """One batch through the table-fed hook: an unsteered request (row 0), then each of `requests`
-    in a row of its own; every token's output must equal the reference's, weighted, by both the
-    CPU op (`forward` here) and the gathered path."""
+    in a row of its own; every token's output must equal the reference's, weighted, by the CPU
+    op (`forward` here) in both its ways and by the gathered path."""
     weight_of_token = torch.tensor(weights)
     hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, weight_of_token)
     x = torch.randn(tokens_per_request * (len(requests) + 1), sae.cfg.d_in, generator=torch.Generator().manual_seed(seed)) * 3
@@ -159,9 +159,12 @@ def assert_hook_matches_reference(
         xs, w = x[tokens], weight_of_token[tokens, None]
         expected.append(xs + w * (steered_residual(xs, [Intervention(sae, i, m, s) for i, m, s in features]) - xs))
     route(hook, spans)
-    hidden, residual = x * 0.25, x * 0.75  # vLLM's fused layout: stream = hidden + residual
-    gathered = x + hook.delta(x)
-    out_hidden, out_residual = hook(hidden, residual)
-    assert out_hidden is hidden and out_residual is residual, "on CPU the op steers in place"
-    for steered in (out_hidden + out_residual, gathered):
-        torch.testing.assert_close(steered, torch.cat(expected), rtol=1e-4, atol=1e-4)
+    steered = {"gathered path": x + hook.delta(x)}
+    for small_span in (0, SMALL_SPAN):  # the CPU op with every span a pass of its own; gathered together
+        hook.small_span = small_span
+        hidden, residual = x * 0.25, x * 0.75  # vLLM's fused layout: stream = hidden + residual
+        out_hidden, out_residual = hook(hidden, residual)
+        assert out_hidden is hidden and out_residual is residual, "on CPU the op steers in place"
+        steered[f"CPU op, small_span={small_span}"] = out_hidden + out_residual
+    for path, out in steered.items():
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-4, msg=lambda m: f"{path}: {m}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from steering.hook import SMALL_SPAN
 from steering.worker import Steerer
 from tests.helpers import Model, request
 from tests.saes import make_sae
@@ -22,6 +23,7 @@ def test_compiled_op_steers_as_eager_step_after_step(tmp_path):
     steps = [(["a"], [5]), (["b", "a", "c"], [3, 1, 6]), (["c", "b"], [1, 9]), (["b"], [2])]
     for step, (batch, tokens) in enumerate(steps):
         n = len(batch)
+        steerer.hooks["t"].small_span = SMALL_SPAN * (step % 2)  # requests gathered together, or one by one
         steerer.route(batch, np.array(tokens), reqs.get, np.zeros(n, dtype=np.int64), np.full(n, 3))
         hidden, residual = torch.randn(sum(tokens), sae.cfg.d_in), torch.randn(sum(tokens), sae.cfg.d_in)
         eager, _ = layer(hidden.clone(), residual)

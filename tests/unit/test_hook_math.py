@@ -42,17 +42,20 @@ span_batches = st.lists(
     requests=span_batches,
     tail=st.integers(0, 4),
     chunk=st.integers(1, 8),
+    small_span=st.sampled_from([0, 2 * D, 8 * D, 10**9]),
     seed=st.integers(0, 3),
     weights=token_weights,
 )
-def test_cpu_op_equals_the_gathered_path(tmp_path_factory, architecture, normalize, requests, tail, chunk, seed, weights):
-    """The CPU op, request by request in chunks, against the gathered path (what a GPU runs) on the
-    same mixed batch: every token within 2e-6 of its own largest magnitude (|x| or |delta|, a few
-    float32 roundings: the two contract the same sums in different orders), unsteered tokens
-    bit for bit."""
+def test_cpu_op_equals_the_gathered_path(
+    tmp_path_factory, architecture, normalize, requests, tail, chunk, small_span, seed, weights
+):
+    """The CPU op, request by request in chunks (small spans gathered together), against the
+    gathered path (what a GPU runs) on the same mixed batch: every token within 2e-6 of its own
+    largest magnitude (|x| or |delta|, a few float32 roundings: the two contract the same sums in
+    different orders), unsteered tokens bit for bit."""
     sae = make_sae(tmp_path_factory.mktemp("sae"), architecture, normalize, seed)
     hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, torch.tensor(weights))
-    hook.chunk = chunk
+    hook.chunk, hook.small_span = chunk, small_span
     spans, end = [], 0
     for row, (gap, tokens, features) in enumerate(requests, start=1):
         hook.set_row(row, features)
@@ -113,3 +116,4 @@ def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
         assert (out - hidden)[1:4].abs().amax() <= MAX_DELTA, name
         assert torch.equal(out[0], hidden[0]), name
         assert torch.equal(out[[0, 4, 5]], steer()[[0, 4, 5]]), name
+

@@ -167,4 +167,4 @@ def assert_hook_matches_reference(
         assert out_hidden is hidden and out_residual is residual, "on CPU the op steers in place"
         steered[f"CPU op, small_span={small_span}"] = out_hidden + out_residual
     for path, out in steered.items():
-        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-4, msg=lambda m: f"{path}: {m}")
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-4, msg=lambda m, path=path: f"{path}: {m}")

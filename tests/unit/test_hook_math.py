@@ -35,25 +35,24 @@ span_batches = st.lists(
 )
 
 
-@settings(max_examples=80, deadline=None)
-@given(
-    architecture=st.sampled_from(["standard", "jumprelu", "topk"]),
-    normalize=st.sampled_from(["none", "constant_norm_rescale", "expected_average_only_in"]),
-    requests=span_batches,
-    tail=st.integers(0, 4),
-    chunk=st.integers(1, 8),
-    small_span=st.sampled_from([0, 2 * D, 8 * D, 10**9]),
-    seed=st.integers(0, 3),
-    weights=token_weights,
-)
-def test_cpu_op_equals_the_gathered_path(
-    tmp_path_factory, architecture, normalize, requests, tail, chunk, small_span, seed, weights
-):
-    """The CPU op, request by request in chunks (small spans gathered together), against the
-    gathered path (what a GPU runs) on the same mixed batch: every token within 2e-6 of its own
-    largest magnitude (|x| or |delta|, a few float32 roundings: the two contract the same sums in
-    different orders), unsteered tokens bit for bit."""
-    sae = make_sae(tmp_path_factory.mktemp("sae"), architecture, normalize, seed)
+# A step for the CPU op: every architecture and normalisation, its chunk size and how small a
+# span must be to be gathered with others (none, some, all), token weights.
+op_steps = {
+    "architecture": st.sampled_from(["standard", "jumprelu", "topk"]),
+    "normalize": st.sampled_from(["none", "constant_norm_rescale", "expected_average_only_in"]),
+    "requests": span_batches,
+    "tail": st.integers(0, 4),
+    "chunk": st.integers(1, 8),
+    "small_span": st.sampled_from([0, 2 * D, 8 * D, 10**9]),
+    "seed": st.integers(0, 3),
+    "weights": token_weights,
+}
+
+
+def _op_step(path, architecture, normalize, requests, tail, chunk, small_span, seed, weights):
+    """A hook with each request in a row of its own, routed as laid out, and the step's hidden and
+    residual: (hook, spans, hidden, residual)."""
+    sae = make_sae(path, architecture, normalize, seed)
     hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, torch.tensor(weights))
     hook.chunk, hook.small_span = chunk, small_span
     spans, end = [], 0
@@ -63,13 +62,41 @@ def test_cpu_op_equals_the_gathered_path(
         end += gap + tokens
     route(hook, spans)
     g = torch.Generator().manual_seed(seed)
-    hidden, residual = torch.randn(end + tail, D, generator=g) * 3, torch.randn(end + tail, D, generator=g) * 3
+    return hook, spans, torch.randn(end + tail, D, generator=g) * 3, torch.randn(end + tail, D, generator=g) * 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(**op_steps)
+def test_cpu_op_equals_the_gathered_path(tmp_path_factory, **step):
+    """The CPU op, request by request in chunks (small spans gathered together), against the
+    gathered path (what a GPU runs) on the same mixed batch: every token within 2e-6 of its own
+    largest magnitude (|x| or |delta|, a few float32 roundings: the two contract the same sums in
+    different orders), unsteered tokens bit for bit."""
+    hook, _, hidden, residual = _op_step(tmp_path_factory.mktemp("sae"), **step)
     gathered = hidden + hook.delta(hidden + residual)
     out, _ = hook(hidden.clone(), residual)
     scale = torch.maximum(hidden.abs(), (gathered - hidden).abs()).amax(dim=-1, keepdim=True)
     assert ((out - gathered).abs() <= 2e-6 * scale).all()
     unsteered = hook.slot_of_token[: len(hidden)] == 0
     assert torch.equal(out[unsteered], hidden[unsteered])
+
+
+@settings(max_examples=40, deadline=None)
+@given(**op_steps)
+def test_cpu_op_steers_each_request_as_if_alone(tmp_path_factory, **step):
+    """The isolation the server promises, at the op: each request's tokens come out bit for bit as
+    in a step of its own (its tokens first, nothing else routed), whatever its batchmates steer."""
+    hook, spans, hidden, residual = _op_step(tmp_path_factory.mktemp("sae"), **step)
+    together, _ = hook(hidden.clone(), residual)
+    for (row, start, end), (_, _, features) in zip(spans, step["requests"]):
+        weights = torch.ones(64)
+        weights[: end - start] = hook.weight_of_token[start:end]
+        alone = SAESteering(hook.sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, weights)
+        alone.chunk, alone.small_span = hook.chunk, hook.small_span
+        alone.set_row(row, features)
+        route(alone, [(row, 0, end - start)])
+        out, _ = alone(hidden[start:end].clone(), residual[start:end].clone())
+        assert torch.equal(out, together[start:end]), row
 
 
 def test_unsteered_rows_are_bit_exact(tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.op import peak_transient_bytes
 from steering.hook import MAX_DELTA, SAESteering
 from tests.helpers import assert_hook_matches_reference, mixed_batches, route, token_weights
 from tests.saes import D_SAE, ROWS, WIDTH, D, make_sae
@@ -144,3 +147,20 @@ def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
         assert torch.equal(out[0], hidden[0]), name
         assert torch.equal(out[[0, 4, 5]], steer()[[0, 4, 5]]), name
 
+
+def test_cpu_op_memory_follows_its_chunk_not_the_step(tmp_path):
+    """Issue 13: the gathered path holds [T, K, d_in] gathers whatever is steered; the CPU op
+    holds a few [chunk, d_in] transients at a time, however many tokens the step steers."""
+    sae, d_in, width, chunk = make_sae(tmp_path, "jumprelu", "constant_norm_rescale", d_in=64), 64, WIDTH, 16
+    peaks = {}
+    for n_tokens in (512, 4096):
+        hook = SAESteering(sae, torch.zeros(n_tokens, dtype=torch.long), ROWS, width, torch.float32)
+        hook.chunk, hook.small_span = chunk, 0
+        share = n_tokens // (ROWS - 1)
+        for row in range(1, ROWS):
+            hook.set_row(row, [(i, 1.0, -1.0) for i in range(width)])
+        route(hook, [(row, (row - 1) * share, row * share) for row in range(1, ROWS)])
+        hidden, residual = torch.randn(n_tokens, d_in), torch.randn(n_tokens, d_in)
+        peaks[n_tokens] = peak_transient_bytes(functools.partial(hook, hidden, residual))
+        assert peak_transient_bytes(functools.partial(hook.delta, hidden + residual)) >= n_tokens * width * d_in * 4
+    assert peaks[512] == peaks[4096] <= 8 * chunk * d_in * 4

@@ -22,6 +22,7 @@ from steering.spec import SteeringLimits
 
 PLUGINS = "steerserve_worker,steerserve_api"  # entry-point names in pyproject.toml
 CPU_KV_CACHE_GIB = 2.0  # ~90k bfloat16 tokens of the default model
+SMALL_CPU = 4  # below this many cores, vLLM's reserved core costs too much of the compute: see cpu_binding
 LIMITS = SteeringLimits()  # the defaults of the limit flags
 
 
@@ -183,6 +184,7 @@ def serve(args: argparse.Namespace) -> None:
         *(["--enforce-eager"] if args.enforce_eager else []),
         *[a for a in args.vllm_args if a != "--"],
     ]  # fmt: skip
+    os.environ.update(cpu_binding(vllm_argv))
     os.environ["VLLM_PLUGINS"] = PLUGINS
     os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
     # httpx, and so the openai SDK, reuses a connection idle for up to 5 s, and uvicorn (at vLLM's
@@ -213,6 +215,26 @@ def model_dtype(requested: str) -> str:
 
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "float32" if current_platform.is_cpu() and platform.machine() == "x86_64" and not native_bf16 else requested
+
+
+def cpu_binding(vllm_argv: list[str]) -> dict[str, str]:
+    """Environment for vLLM's CPU thread binding. vLLM binds its worker's threads to all cores but
+    one, which it reserves for the scheduler and API process. On a machine with fewer than
+    SMALL_CPU cores that reservation is a half or a third of the compute (on 2 cores: 1.5x the
+    throughput at 16 and 64 concurrent requests, and half the p99 TTFT, when the worker gets both),
+    so there a single worker is bound to every core. Elsewhere, in parallel runs, on GPUs, or when
+    the binding is set already, vLLM's choice stands."""
+    from vllm.platforms import current_platform
+
+    parallel = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"), ("--data-parallel-size", "-dp")):
+        parallel.add_argument(flag, short, type=int, default=1)
+    sizes, _ = parallel.parse_known_args(vllm_argv)
+    cores = sorted(os.sched_getaffinity(0))
+    chosen = {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"} & os.environ.keys()
+    if not current_platform.is_cpu() or chosen or len(cores) >= SMALL_CPU or max(vars(sizes).values()) > 1:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def memory_args(args: argparse.Namespace) -> list[str]:

@@ -11,9 +11,11 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 from starlette.background import BackgroundTask
 from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion as vllm_chat_completion
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -35,11 +37,37 @@ router = APIRouter()
 request_log = logging.getLogger("steerserve.requests")
 
 
-class SteeredChatCompletionRequest(ChatCompletionRequest):
+class _TypedBeforeChecks(BaseModel):
+    """vLLM's request checks run before field validation and assume each field has its declared
+    type: `"structured_outputs": true` raised AttributeError inside one, a 500. Such a request is
+    refused as invalid (400), naming the field whose value has the wrong type."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _typed_before_checks(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(data)
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(_mistyped(cls, data) or f"malformed request ({exc})") from exc
+
+
+def _mistyped(cls: type[BaseModel], data: Any) -> str | None:
+    """'<field>: <what is wrong>' for the first field of `data` whose value fails its own type."""
+    for name, value in data.items() if isinstance(data, dict) else ():
+        field = cls.model_fields.get(name)
+        try:
+            if field is not None:
+                TypeAdapter(field.annotation).validate_python(value)
+        except ValidationError as exc:
+            return f"{name}: {exc.errors()[0]['msg']}"
+    return None
+
+
+class SteeredChatCompletionRequest(_TypedBeforeChecks, ChatCompletionRequest):
     steering: SteeringSpec | None = None
 
 
-class SteeredCompletionRequest(CompletionRequest):
+class SteeredCompletionRequest(_TypedBeforeChecks, CompletionRequest):
     steering: SteeringSpec | None = None
 
 

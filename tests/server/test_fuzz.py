@@ -221,6 +221,18 @@ def test_malformed_bodies(server, model_name):
     _assert_serving(server, model_name)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_mistyped_field_that_vllms_own_checks_trip_on_is_a_400(server, model_name, path):
+    # vLLM's structured-outputs check runs before field validation and raised AttributeError on
+    # these (a 500), found by the schema fuzz.
+    body = _chat(model_name) if path == "/v1/chat/completions" else {"model": model_name, "prompt": "Hi", "max_tokens": 2}
+    for value in (False, [1], "json"):
+        response = _post(server, {**body, "structured_outputs": value}, path=path)
+        assert response.status_code == 400, response.text
+        assert "structured_outputs" in _error_format(response)["message"]
+    _assert_serving(server, model_name)
+
+
 def test_oversized_bodies_are_refused_before_parsing(server, model_name):
     big = json.dumps({**_chat(model_name), "padding": "x" * (5 << 20)}).encode()
     declared = _post(server, raw=big)

@@ -208,6 +208,15 @@ class SAESteering(nn.Module):
         return hidden + delta.to(hidden.dtype), residual
 
 
+def table_bytes(sae: SAE, rows: int, width: int) -> int:
+    """The memory one SAE's hook holds: per row and feature its encoder column and decoder row
+    (d_in each), bias, c0, c1 and the architecture's own values in float32, and the feature index;
+    b_dec; and for a dense architecture its whole encoder."""
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    per_feature = 4 * (2 * d_in + 3 + len(sae.per_feature)) + 8
+    return rows * width * per_feature + 4 * d_in + (4 * (d_in + 1) * d_sae if sae.dense else 0)
+
+
 def _bounded(delta: torch.Tensor, max_delta: float) -> torch.Tensor:
     """Each token's delta [T, d_in], finite and at most `max_delta` in any element."""
     # The numerical guard. Extreme coefficients or statistics can make a delta inf or NaN; in

@@ -30,13 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
 from core import vllm_internals
 from features.sae import load_sae
 from steering import wire
-from steering.hook import SAESteering, StepRouting
+from steering.hook import SAESteering, StepRouting, table_bytes
 from steering.wire import CONFIG_KEY, EngineSettings
 
 logger = logging.getLogger("steerserve.worker")
@@ -60,10 +61,11 @@ class Steerer:
         self._row_of_req: dict[str, int] = {}
         self._prompt_scale = np.ones(self.rows, dtype=np.float32)  # per row
         dtype = next(model.parameters()).dtype
+        loaded = [load_sae(sae_id, path) for sae_id, path in saes]
+        check_table_memory(sum(table_bytes(sae, rows, width) for sae in loaded), rows, width, device)
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
-        for sae_id, path in saes:
-            sae = load_sae(sae_id, path)
+        for sae in loaded:
             hook = SAESteering(sae, self.slot_of_token, self.rows, width, dtype, self.weight_of_token, self.routing)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
@@ -75,7 +77,7 @@ class Steerer:
             for n, hook in enumerate(hooks):
                 layer.add_module(f"steerserve_{n}", hook)  # inside the model tree, so it is traced
             layer.register_forward_hook(functools.partial(_steer_layer_output, tuple(hooks)))
-        logger.info("steering %d SAE(s) with %d table rows", len(self.hooks), self.rows)
+
 
     def release(self, req_id: str) -> None:
         row = self._row_of_req.pop(req_id, 0)
@@ -150,6 +152,20 @@ def _write(target: torch.Tensor, values: np.ndarray) -> None:
         target[: len(values)] = source
     else:
         target[: len(values)].copy_(source.pin_memory(), non_blocking=True)
+
+
+def check_table_memory(total: int, rows: int, width: int, device: torch.device) -> None:
+    """Log what the steering tables take, and refuse to start if they would not fit in what the
+    device has free (a worker that began allocating them would die part-way, or starve the KV cache)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    mib = total / 2**20
+    if total > free:
+        raise RuntimeError(
+            f"steerserve: the steering tables need {mib:.0f} MiB ({rows} rows x {width} features per SAE), more than "
+            f"the {free / 2**20:.0f} MiB free on {device}. Lower --max-features-per-sae (features per row), or "
+            "--max-steered-requests or --max-num-seqs (rows = 1 + the two)."
+        )
+    logger.info("steering tables: %.1f MiB on %s (%d rows x %d features per SAE)", mib, device, rows, width)
 
 
 def _steer_layer_output(hooks: tuple[SAESteering, ...], module: nn.Module, args: Any, output: Any) -> Any:

@@ -18,7 +18,8 @@ from steering import wire
 from steering.hook import SMALL_SPAN, SAESteering
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from steering.wire import CONFIG_KEY
-from tests.reference import Intervention, steered_residual
+from tests.pacing import paced
+from tests.reference import Intervention, next_token_logprobs, steered_residual
 from tests.saes import D_SAE, ROWS, WIDTH
 
 
@@ -32,17 +33,43 @@ def server_tokens(
 ) -> list[int]:
     """Greedy token ids from the server's completions endpoint, ignoring EOS like the reference.
     `pace_s` (a server started with tests.pacing:Pacer) adds that much to each step it is in."""
-    extra = {"ignore_eos": True, "return_token_ids": True}
-    if pace_s:
-        extra["vllm_xargs"] = {"pace_s": pace_s}
-    if steering is not None:
-        extra["steering"] = steering
+    extra = {"ignore_eos": True, "return_token_ids": True, **paced(pace_s), **({"steering": steering} if steering else {})}
     response = client.completions.create(
         model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0, extra_body=extra
     )
     choice = response.choices[0]
     assert len(choice.token_ids) == max_tokens
     return choice.token_ids
+
+
+def served_logprobs(
+    client, model: str, prompt_ids: list[int], max_tokens: int, top: int, steering: dict | None = None, pace_s: float = 0.0
+) -> tuple[list[int], list[dict[int, float]]]:
+    """Greedy token ids and, at each position, the server's top log-probabilities by token id."""
+    extra = {"ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True, **paced(pace_s),
+             **({"steering": steering} if steering else {})}  # fmt: skip
+    choice = client.completions.create(
+        model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0, logprobs=top, extra_body=extra
+    ).choices[0]
+    # with return_tokens_as_token_ids, tokens are named "token_id:<id>"
+    return choice.token_ids, [{int(name.split(":")[1]): lp for name, lp in step.items()} for step in choice.logprobs.top_logprobs]
+
+
+def logprob_gaps(
+    hf_model, prompt_ids: list[int], tokens: list[int], top: list[dict[int, float]], interventions: list[Intervention]
+) -> tuple[float, float]:
+    """Teacher-forced on the served tokens: the largest gap between the served top log-probabilities
+    and the transformers reference's, and (steered) the most the steering moves the reference's.
+    Also that greedy took the served most likely token at every position."""
+    gap = moved = 0.0
+    for i, (token, served) in enumerate(zip(tokens, top)):
+        context = prompt_ids + tokens[:i]
+        expected = next_token_logprobs(hf_model, context, interventions)
+        gap = max(gap, *(abs(lp - float(expected[t])) for t, lp in served.items()))
+        assert token == max(served, key=served.get), "greedy took the most likely token"
+        if interventions:
+            moved = max(moved, float((expected - next_token_logprobs(hf_model, context)).abs().max()))
+    return gap, moved
 
 
 T = TypeVar("T")

@@ -28,3 +28,8 @@ class Pacer(LogitsProcessor):
         if self.pace_of:
             time.sleep(max(self.pace_of.values()))
         return logits
+
+
+def paced(pace_s: float) -> dict:
+    """The request fields (extra_body) that pace a request's steps by `pace_s`; none for 0."""
+    return {"vllm_xargs": {"pace_s": pace_s}} if pace_s else {}

@@ -26,6 +26,7 @@ from benchmarks.soak import engine_metrics
 from core.local import Server, stop_server
 from features.sae import save_sae
 from tests.helpers import chat_prompt_ids, in_one_batch
+from tests.pacing import paced
 from tests.serving import PREFILL_CHUNK, start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -173,8 +174,7 @@ def _complete(server: Server, prompt: str, steering: list[dict] | dict | None, p
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1, "ignore_eos": True}
     if steering is not None:
         body["steering"] = steering if isinstance(steering, dict) else {"features": steering}
-    if pace_s:
-        body["vllm_xargs"] = {"pace_s": pace_s}  # tests/pacing.py: a floor under each step; the tokens are unchanged
+    body.update(paced(pace_s))  # a floor under each step; the tokens are unchanged
     return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
 
 

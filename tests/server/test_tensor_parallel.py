@@ -18,8 +18,7 @@ import pytest
 from openai import OpenAI
 
 from core.local import Server, stop_server
-from tests.helpers import chat_prompt_ids, in_one_batch, spec_and_reference
-from tests.reference import next_token_logprobs
+from tests.helpers import chat_prompt_ids, in_one_batch, logprob_gaps, served_logprobs, spec_and_reference
 from tests.serving import start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -49,37 +48,17 @@ def tp_server(tmp_path_factory, sae_dirs) -> Server:
     stop_server(server)
 
 
-def _generate(client: OpenAI, ids: list[int], steering: dict | None) -> tuple[list[int], list[dict[int, float]]]:
-    """Greedy token ids and, for each, the top log-probabilities by token id."""
-    extra = {"ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True}
-    extra["vllm_xargs"] = {"pace_s": PACE_S}  # tests/pacing.py: requests sent together share steps
-    if steering is not None:
-        extra["steering"] = steering
-    choice = client.completions.create(
-        model=MODEL, prompt=ids, max_tokens=N_TOKENS, temperature=0, logprobs=TOP, extra_body=extra
-    ).choices[0]
-    # with return_tokens_as_token_ids, tokens are named "token_id:<id>"
-    top = [{int(name.split(":")[1]): lp for name, lp in step.items()} for step in choice.logprobs.top_logprobs]
-    return choice.token_ids, top
-
-
 def test_every_rank_steers_alike(tp_server, hf_model, tokenizer, saes):
     client = OpenAI(base_url=f"{tp_server.url}/v1", api_key="unused", max_retries=0, timeout=600)
     spec, interventions = spec_and_reference(saes, STEER)
     jobs = [(chat_prompt_ids(tokenizer, p), s) for p in PROMPTS for s in (None, spec)]
-    # steered and unsteered in one batch
-    answers = in_one_batch(tp_server.url, [partial(_generate, client, *job) for job in jobs])
+    # steered and unsteered in one batch; tests/pacing.py makes requests sent together share steps
+    calls = [partial(served_logprobs, client, MODEL, ids, N_TOKENS, TOP, s, PACE_S) for ids, s in jobs]
+    answers = in_one_batch(tp_server.url, calls)
 
     moved = 0.0
     for (ids, steering), (tokens, top) in zip(jobs, answers):
-        ivs = interventions if steering is not None else []
-        for i, (token, served) in enumerate(zip(tokens, top)):
-            context = ids + tokens[:i]
-            expected = next_token_logprobs(hf_model, context, ivs)
-            gaps = {t: abs(lp - float(expected[t])) for t, lp in served.items()}
-            assert max(gaps.values()) < TOLERANCE, (steering is not None, i, gaps)
-            assert token == max(served, key=served.get)  # greedy took the most likely token
-            if steering is not None:
-                unsteered = next_token_logprobs(hf_model, context)
-                moved = max(moved, float((expected - unsteered).abs().max()))
+        gap, moved_here = logprob_gaps(hf_model, ids, tokens, top, interventions if steering is not None else [])
+        assert gap < TOLERANCE, (steering is not None, gap)
+        moved = max(moved, moved_here)
     assert moved > 0.5 and math.isfinite(moved), "the steering moves the model well past the tolerance"

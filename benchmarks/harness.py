@@ -4,6 +4,7 @@ measured run of one scenario."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from openai import OpenAI
 
-from benchmarks.loadtest import Result, Scenario, run
+from benchmarks.loadtest import Result, Scenario, SpecFactory, run
 from core.local import Server, ensure_default_model, free_port, home, serve_command, start_server, stop_server
 from features.sae import DEFAULT_SAE, load_sae, save_sae
 from server.cli import model_dtype
@@ -28,6 +30,9 @@ PROMPTS = [
     "Tell me a fun fact about octopuses.",
     "Summarise the plot of a famous novel.",
 ]
+# Everyday words: long prompts made of them tokenise at about a token a word.
+WORDS = ("the river town market morning people walked along old stone bridge while children played near water "
+         "and traders sold bread fish apples cloth under bright summer sky before evening rain came slowly").split()  # fmt: skip
 MODEL = "SmolLM2-135M-Instruct"
 D_SAE = 16384
 MAX_TOKENS = 64
@@ -50,6 +55,30 @@ def benchmark_saes() -> dict[str, tuple[Path, int]]:
                    "b_dec": torch.zeros(576), "threshold": torch.full((D_SAE,), 0.5)}  # fmt: skip
         save_sae(path, cfg, weights, max_act=torch.full((D_SAE,), 10.0))
     return {"default": (DEFAULT_SAE, load_sae("default", DEFAULT_SAE).cfg.d_sae), "l20": (path, D_SAE)}
+
+
+def long_prompts(n: int, seed: int = 0) -> list[str]:
+    """n documents of 1,500 to 3,000 words (as many tokens), each asked to be summarised."""
+    rng = random.Random(seed)
+    docs = (" ".join(rng.choices(WORDS, k=rng.randint(1500, 3000))) for _ in range(n))
+    return [f"{doc}\n\nSummarise the text above in one sentence." for doc in docs]
+
+
+def steered_outputs_differing(server: Server, spec: SpecFactory, n: int = 8, max_tokens: int = 16, api_key: str = "unused") -> int:
+    """Of n steered greedy completions (spec drawn per request, prompts in turn), how many differ
+    from the unsteered greedy completion of the same prompt: the proof that steering was applied,
+    not just accepted. Random 4-feature specs in max_act units change nearly every answer."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=300)
+
+    def greedy(prompt: str, steering: dict | None) -> str:
+        extra = {"steering": steering} if steering else {}
+        messages = [{"role": "user", "content": prompt}]
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, extra_body=extra)
+        return reply.choices[0].message.content or ""
+
+    rng, prompts = random.Random(1), [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    plain = {p: greedy(p, None) for p in set(prompts)}
+    return sum(greedy(p, spec(rng, i)) != plain[p] for i, p in enumerate(prompts))
 
 
 def start_targets(logs: Path, saes: dict[str, tuple[Path, int]], with_hf: bool) -> dict[str, Server]:
@@ -97,18 +126,18 @@ class Bench:
         self.results: list[Result] = []
         self.started = time.monotonic()
 
-    def measure(self, server: Server, scenario: Scenario, target: str) -> Result:
+    def measure(self, server: Server, scenario: Scenario, target: str, prompts: list[str] = PROMPTS) -> Result:
         # Four servers share two cores and take turns: a short unmeasured warm-up first, so the
         # measured batch never pays for a server waking from idle.
         warm = min(scenario.concurrency, 16)
-        asyncio.run(run(server.url, MODEL, PROMPTS, replace(scenario, concurrency=warm, requests=warm)))
-        result = asyncio.run(run(server.url, MODEL, PROMPTS, scenario))
+        asyncio.run(run(server.url, MODEL, prompts, replace(scenario, concurrency=warm, requests=warm)))
+        result = asyncio.run(run(server.url, MODEL, prompts, scenario))
         result.labels = {**scenario.labels, "target": target}
         self.results.append(result)
         elapsed = time.monotonic() - self.started
         print(
             f"[{elapsed:6.0f}s] {target:12} {scenario.name:28} c={scenario.concurrency:<4} "
-            f"{result.output_tok_s:8.1f} tok/s  TTFT p99 {result.ttft_ms['p99']} ms  errors {result.errors}",
+            f"{result.output_tok_s:8.1f} tok/s  {result.prompt_tok_s:8.1f} prompt tok/s  TTFT p99 {result.ttft_ms['p99']} ms  errors {result.errors}",
             flush=True,
         )
         return result

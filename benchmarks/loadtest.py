@@ -2,7 +2,8 @@
 
 Every request streams with `ignore_eos`, so each produces exactly `max_tokens` tokens and the
 scenarios differ only in their steering. TTFT is the time to the first content chunk, and
-inter-token latency the gaps between content chunks.
+inter-token latency the gaps between content chunks. A steered request's stream must echo its
+steering (steerserve adds it to the first event); one that does not is counted in `unechoed`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import random
 import statistics
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,9 @@ class Scenario:
     max_tokens: int
     spec: SpecFactory
     labels: dict = field(default_factory=dict)
+    # Each request its own `cache_salt`, so no prompt is served from any target's prefix cache:
+    # a prefill scenario measures prefill, on every target alike (steered requests are salted anyway).
+    fresh_prefill: bool = False
 
 
 @dataclass
@@ -40,9 +45,12 @@ class Result:
     wall_s: float
     output_tokens: int
     output_tok_s: float
+    prompt_tokens: int
+    prompt_tok_s: float
     req_s: float
     ttft_ms: dict
     itl_ms: dict
+    unechoed: int  # steered requests whose stream did not echo their steering
     labels: dict
 
     def row(self) -> dict:
@@ -56,11 +64,21 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(qs[49], 2), "p90": round(qs[89], 2), "p99": round(qs[98], 2)}
 
 
-async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, steering: dict | None) -> tuple[float, list[float], int]:
-    extra = {"ignore_eos": True, **({"steering": steering} if steering else {})}
+@dataclass
+class _Reply:
+    ttft: float
+    itl: list[float]
+    tokens: int
+    prompt_tokens: int
+    echoed: bool
+
+
+async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, steering: dict | None, salt: bool) -> _Reply:
+    extra = {"ignore_eos": True, **({"steering": steering} if steering else {}), **({"cache_salt": uuid.uuid4().hex} if salt else {})}
     start = time.perf_counter()
     stamps: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = 0
+    echoed = False
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -71,15 +89,15 @@ async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, st
         extra_body=extra,
     )
     async for chunk in stream:
+        echoed = echoed or bool((chunk.model_extra or {}).get("steering"))
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
     if not stamps:
         raise RuntimeError(f"no text streamed ({tokens} tokens)")
-    ttft = (stamps[0] - start) * 1000
     itl = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
-    return ttft, itl, tokens
+    return _Reply((stamps[0] - start) * 1000, itl, tokens, prompt_tokens, echoed)
 
 
 async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed: int = 0, api_key: str = "unused") -> Result:
@@ -89,20 +107,22 @@ async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed
     gate = asyncio.Semaphore(scenario.concurrency)
     ttfts: list[float] = []
     itls: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = unechoed = 0
     errors: Counter[str] = Counter()
 
     async def worker(prompt: str, spec: dict | None) -> None:
-        nonlocal tokens
+        nonlocal tokens, prompt_tokens, unechoed
         async with gate:
             try:
-                ttft, itl, n = await _one(client, model, prompt, scenario.max_tokens, spec)
+                reply = await _one(client, model, prompt, scenario.max_tokens, spec, scenario.fresh_prefill)
             except Exception as exc:
                 errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
                 return
-            ttfts.append(ttft)
-            itls.extend(itl)
-            tokens += n
+            ttfts.append(reply.ttft)
+            itls.extend(reply.itl)
+            tokens += reply.tokens
+            prompt_tokens += reply.prompt_tokens
+            unechoed += bool(spec) and not reply.echoed
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(p, s) for p, s in jobs))
@@ -117,9 +137,12 @@ async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed
         wall_s=round(wall, 2),
         output_tokens=tokens,
         output_tok_s=round(tokens / wall, 1),
+        prompt_tokens=prompt_tokens,
+        prompt_tok_s=round(prompt_tokens / wall, 1),
         req_s=round((scenario.requests - errors.total()) / wall, 3),
         ttft_ms=percentiles(ttfts),
         itl_ms=percentiles(itls),
+        unechoed=unechoed,
         labels=scenario.labels,
     )
 

@@ -41,7 +41,10 @@ class SteeringEndpoints:
         if settings is None:
             raise RuntimeError("steerserve_api needs the steering settings in --additional-config")
         served = set(args.served_model_name or [args.model])
-        state.steering = steering = SteeringState(settings, APISettings.from_env(), served, Path(args.model))
+        # vLLM runs one of these per API process (`--api-server-count`; as many as data-parallel
+        # ranks by default), each with its own state; presets and policy load in each, from files.
+        processes = args.api_server_count or 1
+        state.steering = steering = SteeringState(settings, APISettings.from_env(), served, Path(args.model), processes)
         steering.presets.watch()
         state.lifecycle = lifecycle.Lifecycle(engine_client)
         state.lifecycle.start(state)

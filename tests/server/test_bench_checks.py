@@ -24,7 +24,8 @@ def plain_vllm(tmp_path_factory) -> Server:
     log = tmp_path_factory.mktemp("plain-vllm") / "server.log"
     port = free_port()
     command = [sys.executable, "-m", "benchmarks.plain_vllm", "--model", str(ensure_default_model()), "--served-model-name", MODEL,
-               "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(2**28), "--port", str(port)]  # fmt: skip
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2**28),
+               "--port", str(port)]  # fmt: skip
     server = start_server(command, port, log)
     yield server
     stop_server(server)

@@ -47,7 +47,7 @@ def scaled(request, tmp_path_factory, sae_dirs):
     (files / "policy.yaml").write_text(POLICY)
     server = start_side_server(
         tmp_path_factory, sae_dirs, request.param,
-        ["--enforce-eager", "--max-num-seqs", "8", "--max-steered-requests", "8",
+        ["--enforce-eager", "--max-num-seqs", str(REQUESTS), "--max-steered-requests", str(REQUESTS),
          "--presets", str(files / "presets.yaml"), "--policy", str(files / "policy.yaml"), "--api-key", ADMIN_KEY,
          "--", *vllm_flags],
         env=env,

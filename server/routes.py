@@ -166,7 +166,7 @@ async def _serve(
     resolved = plan.resolved
     if resolved is not None and not state.gate.try_acquire(sequences):
         metrics.CAPACITY_REFUSALS.inc()
-        share = " of this API process's share of --max-steered-requests" if state.gate.shared else ""
+        share = " of this API process (its share of --max-steered-requests)" if state.gate.shared else ""
         message = f"all {state.gate.capacity} steering slots{share} are in use; retry shortly"
         return openai_error(HTTPStatus.TOO_MANY_REQUESTS, message, "steering", "RateLimitError")
     metrics.REQUESTS.labels(str(resolved is not None).lower(), plan.preset.name if plan.preset else "").inc()

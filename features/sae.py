@@ -166,30 +166,23 @@ class SAE:
         raise NotImplementedError
 
     def selected_activations(
-        self, xin: torch.Tensor, slots: torch.Tensor, tables: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+        self,
+        xin: torch.Tensor,
+        project: Callable[[torch.Tensor], torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        feature: torch.Tensor,
+        dense: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        """f [T, K] of the K features in each token's table row: the steering hook's path.
+        """f [T, K] of K selected features at each token of xin [T, d_in]: the steering hook's path.
 
-        Semantics: pre[t, k] = xin[t] . enc[slots[t], k] + enc_bias[slots[t], k], then
-        `activation` with each `per_feature` table read at slots[t]. `tables` are the hook's
-        [rows, K, ...] tables (enc, enc_bias, feature, and one per `per_feature` name); `dense`
-        holds W_enc and b_enc on the hook's device for a `dense` architecture, else nothing.
+        Semantics: pre = project(xin), the selected features' pre-activations [T, K]
+        (pre[t, k] = xin[t] . W_enc[:, i] + b_enc[i]), which the hook computes from its tables;
+        then `activation` with their `per_feature` values `params`. `params` and `feature` (their
+        indices) are [T, K], a row per token, or [K], the same features at every token. `dense`
+        holds W_enc (in the model's dtype) and b_enc on the hook's device for a `dense`
+        architecture, else nothing.
         """
-        pre = torch.einsum("td,tkd->tk", xin, tables["enc"][slots]) + tables["enc_bias"][slots]
-        return self.activation(pre, {name: tables[name][slots] for name in self.per_feature})
-
-    def row_activations(
-        self, xin: torch.Tensor, row: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """f [T, K] of one table row's K features at every token of xin [T, d_in]: the per-request
-        path, for tokens that all read the same row.
-
-        Semantics: pre[t, k] = xin[t] . enc[k] + enc_bias[k], then `activation` with the row's
-        `per_feature` values. `row` holds one row of each of the hook's tables ([K, ...]: enc,
-        enc_bias, feature, and one per `per_feature` name); `dense` as for `selected_activations`.
-        """
-        pre = xin @ row["enc"].T + row["enc_bias"]
-        return self.activation(pre, {name: row[name] for name in self.per_feature})
+        return self.activation(project(xin), params)
 
     def encode_scaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature activations [T, d_sae], normalisation factor [T, 1]) of residual vectors x [T, d_in]."""
@@ -253,16 +246,15 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
     def selected_activations(
-        self, xin: torch.Tensor, slots: torch.Tensor, tables: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+        self,
+        xin: torch.Tensor,
+        project: Callable[[torch.Tensor], torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        feature: torch.Tensor,
+        dense: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        full = xin @ dense["W_enc"] + dense["b_enc"]
-        return self._in_top_k(full, full.gather(1, tables["feature"][slots]))
-
-    def row_activations(
-        self, xin: torch.Tensor, row: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        full = xin @ dense["W_enc"] + dense["b_enc"]
-        return self._in_top_k(full, full[:, row["feature"]])
+        full = (xin.to(dense["W_enc"].dtype) @ dense["W_enc"]).float() + dense["b_enc"]
+        return self._in_top_k(full, full.gather(1, feature.expand(len(xin), -1)))
 
     def _in_top_k(self, full: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """f [T, K] of selected pre-activations `pre`, taken from each token's full row `full` [T, d_sae]."""

@@ -14,10 +14,15 @@ else 1). Two paths read them, chosen by device, equal to float32 rounding:
 - Elsewhere (a GPU), the gathered path (`delta`): routing is tensor content, never Python.
   `slot_of_token[t]` names the row token t reads; nothing branches on data or leaves the device,
   and every shape is fixed by T, so a CUDA graph can replay it while the runner rewrites the
-  tables in place between steps. Its cost: each step gathers every token's row, `enc[slots]`
-  and `dec[slots]`, two [T, K, d_in] float32 transients per SAE, whether or not anyone steers,
-  and a TopK SAE encodes every token at full width. It is also the CPU op's reference.
+  tables in place between steps. Its two products over each token's row are steering/kernels.py's:
+  for a half-precision model where Triton is installed, kernels that read rows in place and skip
+  unsteered tokens; else the torch reference, which gathers two [T, K, d_in] transients per SAE
+  every step. A TopK SAE encodes every token at full width. It is also the CPU op's reference.
 
+The d_in-wide tables are in the model's dtype; every product accumulates in float32, so a
+float32 model's paths are exact to float32 rounding. In half precision a table entry carries a
+relative error near 2^-9 (float16) or 2^-8 (bfloat16); a pre-activation that close to a JumpReLU
+threshold or TopK's k-th value can land on either side of it, switching that feature at that token.
 The feature math itself (input pipeline, pre-activation, f) is the SAE class's.
 """
 
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from features.sae import SAE
+from steering import kernels
 
 # Largest element a token's steering delta may have. Far above what steering can use (the default
 # model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
@@ -79,12 +85,14 @@ class SAESteering(nn.Module):
             torch.ones(len(slot_of_token), device=device) if weight_of_token is None else weight_of_token
         )
 
-        def table(*shape: int) -> torch.Tensor:
-            return torch.zeros(rows, width, *shape, dtype=torch.float32, device=device)
+        def table(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(rows, width, *shape, dtype=dtype, device=device)
 
-        self.register_buffer("enc", table(d_in), persistent=False)  # W_enc[:, i]
+        # The d_in-wide tables, nearly all the memory, in the model's dtype; the products that
+        # read them accumulate in float32.
+        self.register_buffer("enc", table(d_in, dtype=dtype), persistent=False)  # W_enc[:, i]
         self.register_buffer("enc_bias", table(), persistent=False)  # b_enc[i]
-        self.register_buffer("dec", table(d_in), persistent=False)  # W_dec[i]
+        self.register_buffer("dec", table(d_in, dtype=dtype), persistent=False)  # W_dec[i]
         self.register_buffer("c0", table(), persistent=False)
         self.register_buffer("c1", table(), persistent=False)
         self.register_buffer("feature", torch.zeros(rows, width, dtype=torch.long, device=device), persistent=False)
@@ -93,11 +101,12 @@ class SAESteering(nn.Module):
         self.register_buffer("b_dec", sae.b_dec.to(device), persistent=False)
         if sae.dense:
             # f_i depends on every pre-activation (TopK), so the full encoder is needed.
-            self.register_buffer("W_enc", sae.W_enc.to(device), persistent=False)
+            self.register_buffer("W_enc", sae.W_enc.to(device, dtype), persistent=False)
             self.register_buffer("b_enc", sae.b_enc.to(device), persistent=False)
         self.table_names = ("enc", "enc_bias", "dec", "c0", "c1", "feature", *sae.per_feature)
         self.sae = sae
         self.model_dtype = dtype
+        self.kernels = kernels.for_model(device, dtype)
         self.max_delta = min(MAX_DELTA, torch.finfo(dtype).max / 8)  # and what a half-precision model can hold
         # The CPU path's host-side state: the step's spans, and how many features each row holds
         # here (a request may steer only other SAEs; the rest of a row is zeros, skipped).
@@ -137,11 +146,15 @@ class SAESteering(nn.Module):
         """The delta [T, d_in] of residual vectors x [T, d_in] whose tokens read table rows
         slots [T], weighted by weights [T, 1], through each row's first k features."""
         xin, scale = self.sae.sae_in(x, self.b_dec)
-        tables = {name: getattr(self, name)[:, :k] for name in self.table_names}
-        f = self.sae.selected_activations(xin, slots, tables, self._dense())
-        coef = (tables["c0"][slots] + tables["c1"][slots] * f) * weights
+        row = {name: getattr(self, name)[slots, :k] for name in ("enc_bias", "c0", "c1", "feature", *self.sae.per_feature)}
+
+        def project(xin: torch.Tensor) -> torch.Tensor:
+            return self.kernels.shrink(xin, self.enc[:, :k], slots) + row["enc_bias"]
+
+        f = self.sae.selected_activations(xin, project, row, row["feature"], self._dense())
+        coef = (row["c0"] + row["c1"] * f) * weights
         # The reconstruction lives in the SAE's normalised space; map the delta back.
-        return _bounded(torch.einsum("tk,tkd->td", coef, tables["dec"][slots]) / scale, self.max_delta)
+        return _bounded(self.kernels.expand(coef, self.dec[:, :k], slots) / scale, self.max_delta)
 
     def steer_spans(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """Add the steering delta into hidden [T, d_in] in place, for the steered requests only;
@@ -154,7 +167,7 @@ class SAESteering(nn.Module):
                     set it aside with the other small spans whose rows hold K features
                 else, for [a, b) in chunks of [start, min(end, T)), at most `chunk` tokens:
                     xin, scale = sae_in(hidden[a:b] + residual[a:b])
-                    f = row_activations(xin, tables[row, :K])                       # [b-a, K]
+                    f = activations of tables[row, :K] at xin                       # [b-a, K]
                     coef = (c0[row, :K] + c1[row, :K] * f) * weight_of_token[a:b]   # [b-a, K]
                     hidden[a:b] += bounded(coef @ dec[row, :K] / scale)
             for each K, the tokens set aside, idx [n], in groups of at most CHUNK_BYTES of rows:
@@ -187,12 +200,17 @@ class SAESteering(nn.Module):
     def _steer_row(self, hidden: torch.Tensor, residual: torch.Tensor, row: int, k: int, start: int, end: int) -> None:
         """hidden[start:end] [n, d_in] += the delta of one request's tokens through its row's K features."""
         tables = {name: getattr(self, name)[row, :k] for name in self.table_names}
+        enc, dec = tables["enc"].float(), tables["dec"].float()
+
+        def project(xin: torch.Tensor) -> torch.Tensor:
+            return xin @ enc.T + tables["enc_bias"]
+
         for a in range(start, end, self.chunk):
             b = min(a + self.chunk, end)
             xin, scale = self.sae.sae_in(hidden[a:b] + residual[a:b], self.b_dec)
-            f = self.sae.row_activations(xin, tables, self._dense())
+            f = self.sae.selected_activations(xin, project, tables, tables["feature"], self._dense())
             coef = (tables["c0"] + tables["c1"] * f) * self.weight_of_token[a:b, None]
-            hidden[a:b] += _bounded(coef @ tables["dec"] / scale, self.max_delta).to(hidden.dtype)
+            hidden[a:b] += _bounded(coef @ dec / scale, self.max_delta).to(hidden.dtype)
 
     def _dense(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc} if self.sae.dense else {}
@@ -208,13 +226,14 @@ class SAESteering(nn.Module):
         return hidden + delta.to(hidden.dtype), residual
 
 
-def table_bytes(sae: SAE, rows: int, width: int) -> int:
-    """The memory one SAE's hook holds: per row and feature its encoder column and decoder row
-    (d_in each), bias, c0, c1 and the architecture's own values in float32, and the feature index;
-    b_dec; and for a dense architecture its whole encoder."""
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    per_feature = 4 * (2 * d_in + 3 + len(sae.per_feature)) + 8
-    return rows * width * per_feature + 4 * d_in + (4 * (d_in + 1) * d_sae if sae.dense else 0)
+def table_bytes(sae: SAE, rows: int, width: int, dtype: torch.dtype) -> int:
+    """The memory one SAE's hook holds for a model in `dtype`: per row and feature its encoder
+    column and decoder row (d_in each, in `dtype`), bias, c0, c1 and the architecture's own values
+    in float32, and the feature index; b_dec; and for a dense architecture its whole encoder
+    (W_enc in `dtype`, b_enc in float32)."""
+    d_in, d_sae, size = sae.cfg.d_in, sae.cfg.d_sae, dtype.itemsize
+    per_feature = 2 * size * d_in + 4 * (3 + len(sae.per_feature)) + 8
+    return rows * width * per_feature + 4 * d_in + ((size * d_in + 4) * d_sae if sae.dense else 0)
 
 
 def _bounded(delta: torch.Tensor, max_delta: float) -> torch.Tensor:

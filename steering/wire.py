@@ -27,7 +27,7 @@ CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in Samplin
 
 # Worker-side modules whose code runs inside the compiled graph: the hook op and the layer callback.
 # The SAE architectures' activations are traced too; their files are added where they are defined.
-TRACED_MODULES = ("steering.hook", "steering.worker")
+TRACED_MODULES = ("steering.hook", "steering.kernels", "steering.triton_kernels", "steering.worker")
 
 WireFeature = tuple[str, int, float, float]  # (sae, index, c0, c1)
 

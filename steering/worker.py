@@ -62,7 +62,7 @@ class Steerer:
         self._prompt_scale = np.ones(self.rows, dtype=np.float32)  # per row
         dtype = next(model.parameters()).dtype
         loaded = [load_sae(sae_id, path) for sae_id, path in saes]
-        check_table_memory(sum(table_bytes(sae, rows, width) for sae in loaded), rows, width, device)
+        check_table_memory(sum(table_bytes(sae, rows, width, dtype) for sae in loaded), rows, width, device)
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
         for sae in loaded:

@@ -16,6 +16,7 @@ from vllm.config import VllmConfig
 from features.sae import ARCHITECTURES
 from server.cli import build_parser
 from server.startup import steering_settings
+from steering import kernels, triton_kernels
 from steering.hook import SAESteering
 from steering.wire import EngineSettings, code_digest, traced_files
 from steering.worker import _steer_layer_output
@@ -52,11 +53,12 @@ def test_compile_cache_key_follows_saes_and_tables(model_dir, jr, tmp_path):
 
 def test_the_digest_covers_every_traced_function():
     """Everything the compiled graph runs of ours lives in a file the digest reads: the hook's
-    two paths (the CPU op's body too, though opaque to tracing), the layer callback, and every
-    registered architecture's input pipeline and activation."""
+    two paths (the CPU op's body too, though opaque to tracing) and their kernels, the layer
+    callback, and every registered architecture's input pipeline and activation."""
     traced = [SAESteering.forward, SAESteering.delta, SAESteering.steer_spans, _steer_layer_output]
+    traced += [kernels.for_model, *kernels.TORCH, triton_kernels.shrink, triton_kernels.expand]
     for cls in ARCHITECTURES.values():
-        traced += [cls.input_scale, cls.sae_in, cls.activation, cls.selected_activations, cls.row_activations]
+        traced += [cls.input_scale, cls.sae_in, cls.activation, cls.selected_activations]
     files = {str(path) for path in traced_files()}
     uncovered = [fn.__qualname__ for fn in traced if fn.__code__.co_filename not in files]
     assert not uncovered, uncovered

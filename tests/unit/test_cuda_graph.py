@@ -19,15 +19,16 @@ from tests.saes import ROWS, WIDTH, make_sae
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the exact path; the Triton fast path
 @pytest.mark.parametrize("architecture", ["jumprelu", "topk", "standard"])
-def test_graph_replay_follows_tables(tmp_path, architecture):
+def test_graph_replay_follows_tables(tmp_path, architecture, dtype):
     device = torch.device("cuda")
     sae = make_sae(tmp_path, architecture, "constant_norm_rescale")
     slots = torch.zeros(16, dtype=torch.long, device=device)
     weights = torch.ones(16, device=device)
-    hook = SAESteering(sae, slots, ROWS, WIDTH, torch.float32, weights)  # tables live where `slots` does
-    hidden = torch.randn(16, sae.cfg.d_in, device=device)
-    residual = torch.randn(16, sae.cfg.d_in, device=device)
+    hook = SAESteering(sae, slots, ROWS, WIDTH, dtype, weights)  # tables live where `slots` does
+    hidden = torch.randn(16, sae.cfg.d_in, device=device, dtype=dtype)
+    residual = torch.randn(16, sae.cfg.d_in, device=device, dtype=dtype)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

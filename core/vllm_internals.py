@@ -46,6 +46,10 @@ TOUCHPOINTS = (
     Touchpoint(CPU_RUNNER, "CPUModelRunner.load_model", "wrapped likewise: the CPU runner overrides load_model"),
     Touchpoint(RUNNER, "GPUModelRunner._prepare_inputs", "wrapped: after it the persistent batch is in its final order for the step"),
     Touchpoint(RUNNER, "GPUModelRunner._on_request_state_removed", "wrapped: a finished or aborted request frees its table row"),
+    Touchpoint(RUNNER, "GPUModelRunner.execute_model", "wrapped: after the forward, the step's readout is sent"),
+    Touchpoint(RUNNER, "GPUModelRunner", "read: the step's input token ids, reported with the readout", sets="self.input_ids"),
+    Touchpoint("vllm.distributed", "get_tensor_model_parallel_rank", "called: only rank 0 sends the readout"),
+    Touchpoint("vllm.v1.engine.parallel_sampling", "ParentRequest.get_child_info", "read: choice i of n > 1 runs as request `{i}_...`"),
     Touchpoint(RUNNER, "GPUModelRunner", "read: the steering settings in additional_config", sets="self.vllm_config"),
     Touchpoint(RUNNER, "GPUModelRunner", "read: the loaded model the hooks go into", sets="self.model"),
     Touchpoint(RUNNER, "GPUModelRunner", "read: the step's token budget sizes the routing index", sets="self.max_num_tokens"),
@@ -109,12 +113,25 @@ class StepBatch:
     req_ids: list[str]
     num_computed: np.ndarray  # tokens computed before this step, per request
     num_prompt: np.ndarray  # prompt length per request
+    input_ids: np.ndarray  # the step's input token ids, in batch order (on a GPU with async scheduling, decode tokens may still be placeholders)
 
 
-def step_batch(runner: Any) -> StepBatch:
+def step_batch(runner: Any, num_tokens: int) -> StepBatch:
     batch = runner.input_batch
     n = batch.num_reqs
-    return StepBatch(batch.req_ids, batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n])
+    return StepBatch(batch.req_ids, batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n], runner.input_ids.np[:num_tokens])
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+def choice_of(req_id: str, n: int) -> int:
+    """Which of a request's n choices the engine request `req_id` is (vLLM runs choice i of n > 1
+    as request `{i}_{parent}`)."""
+    return int(req_id.split("_", 1)[0]) if n > 1 else 0
 
 
 def request_extra_args(runner: Any, req_id: str) -> dict | None:
@@ -131,11 +148,12 @@ def patch_model_runners(
     on_load: Callable[[Any], None],
     on_prepared: Callable[[Any, np.ndarray], None],
     on_removed: Callable[[Any, str], None],
+    on_executed: Callable[[Any], None],
 ) -> None:
     """Wrap the V1 model runners once per process (vLLM calls general plugins in every process):
     `on_load(runner)` after the model loads, `on_prepared(runner, num_scheduled_tokens)` once the
-    step's batch is ordered, `on_removed(runner, req_id)` when a request's state goes. Also applies
-    the seeded-sampling fix."""
+    step's batch is ordered, `on_removed(runner, req_id)` when a request's state goes,
+    `on_executed(runner)` after a step's forward. Also applies the seeded-sampling fix."""
     runner_cls = import_module(RUNNER).GPUModelRunner
     classes: list[type] = [runner_cls]
     try:
@@ -150,6 +168,7 @@ def patch_model_runners(
         if cls is runner_cls:
             cls._prepare_inputs = _wrap_prepare_inputs(cls._prepare_inputs, on_prepared)
             cls._on_request_state_removed = _wrap_state_removed(cls._on_request_state_removed, on_removed)
+            cls.execute_model = _after_execute(cls.execute_model, on_executed)
             cls._sample = _wrap_sample(cls._sample)
             cls._bookkeeping_sync = _wrap_bookkeeping_sync(cls._bookkeeping_sync)
         cls._steerserve_patched = True
@@ -172,6 +191,16 @@ def _wrap_prepare_inputs(original, callback):
         return result
 
     return _prepare_inputs
+
+
+def _after_execute(original, callback):
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        callback(self)
+        return result
+
+    return execute_model
 
 
 def _wrap_state_removed(original, callback):

@@ -40,12 +40,17 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         "--max-features-per-sae", type=int, default=LIMITS.max_features_per_sae, help="interventions per SAE per request"
     )
     parser.add_argument("--max-strength", type=float, default=LIMITS.max_strength, help="cap on |strength|")
+    parser.add_argument("--max-readout-top-k", type=int, default=LIMITS.max_readout_top_k, help="cap on readout.top_k")
+    parser.add_argument(
+        "--max-readout-features", type=int, default=LIMITS.max_readout_features, help="cap on features listed in a readout"
+    )
 
 
 def limits_of(args: argparse.Namespace) -> SteeringLimits:
     return SteeringLimits(
-        max_features=args.max_features, max_features_per_sae=args.max_features_per_sae, max_strength=args.max_strength
-    )
+        max_features=args.max_features, max_features_per_sae=args.max_features_per_sae, max_strength=args.max_strength,
+        max_readout_top_k=args.max_readout_top_k, max_readout_features=args.max_readout_features,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

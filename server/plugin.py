@@ -46,6 +46,7 @@ class SteeringEndpoints:
         processes = args.api_server_count or 1
         state.steering = steering = SteeringState(settings, APISettings.from_env(), served, Path(args.model), processes)
         steering.presets.watch()
+        steering.readouts.start()
         state.lifecycle = lifecycle.Lifecycle(engine_client)
         state.lifecycle.start(state)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, steering.presets.reload)

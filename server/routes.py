@@ -29,9 +29,10 @@ from server.auth import caller
 from server.errors import openai_error
 from server.lifecycle import lifecycle
 from server.policy import KeyPolicy, PolicyDenied
+from server.readout import Collector
 from server.state import Plan, SteeringState
-from steering.spec import SteeringError, SteeringSpec
-from steering.wire import CONFIG_KEY
+from steering.spec import ReadoutSpec, SteeringError, SteeringSpec
+from steering.wire import CONFIG_KEY, READOUT_KEY, ReadoutRequest
 
 router = APIRouter()
 request_log = logging.getLogger("steerserve.requests")
@@ -65,10 +66,12 @@ def _mistyped(cls: type[BaseModel], data: Any) -> str | None:
 
 class SteeredChatCompletionRequest(_TypedBeforeChecks, ChatCompletionRequest):
     steering: SteeringSpec | None = None
+    readout: ReadoutSpec | None = None
 
 
 class SteeredCompletionRequest(_TypedBeforeChecks, CompletionRequest):
     steering: SteeringSpec | None = None
+    readout: ReadoutSpec | None = None
 
 
 SteeredRequest = SteeredChatCompletionRequest | SteeredCompletionRequest
@@ -150,12 +153,15 @@ async def _serve(
     if (refusal := lifecycle(raw_request).refusal()) is not None:
         return refusal  # draining or engine gone: 503
     state = steering_state(raw_request)
-    if request.vllm_xargs and CONFIG_KEY in request.vllm_xargs:
-        param = f"vllm_xargs.{CONFIG_KEY}"
-        metrics.VALIDATION_ERRORS.labels(param).inc()
-        return openai_error(HTTPStatus.BAD_REQUEST, f"{param} is reserved; use the 'steering' field", param)
+    for reserved, field in ((CONFIG_KEY, "steering"), (READOUT_KEY, "readout")):
+        if request.vllm_xargs and reserved in request.vllm_xargs:
+            param = f"vllm_xargs.{reserved}"
+            metrics.VALIDATION_ERRORS.labels(param).inc()
+            return openai_error(HTTPStatus.BAD_REQUEST, f"{param} is reserved; use the '{field}' field", param)
     try:
-        plan = state.plan(request.model, request.steering, key)
+        if request.readout is not None and sequences != (request.n or 1):
+            raise SteeringError("readout", "a readout reads one prompt per request; send the prompts separately")
+        plan = state.plan(request.model, request.steering, key, request.readout)
     except SteeringError as exc:
         metrics.VALIDATION_ERRORS.labels(metrics.field_label(exc.param)).inc()
         return openai_error(HTTPStatus.BAD_REQUEST, str(exc), exc.param)
@@ -172,35 +178,62 @@ async def _serve(
     metrics.REQUESTS.labels(str(resolved is not None).lower(), plan.preset.name if plan.preset else "").inc()
     _log(state, request, key, plan, status=200)
     _apply_preset(request, plan)
-    if resolved is None:
+    if resolved is None and plan.readout is None:
         return await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
-    return await _serve_steered(request, raw_request, vllm_route, plan, lambda: state.gate.release(sequences))
+    release_slots = (lambda: state.gate.release(sequences)) if resolved is not None else (lambda: None)
+    return await _serve_steered(request, raw_request, vllm_route, plan, release_slots, state)
 
 
 async def _serve_steered(
-    request: SteeredRequest, raw_request: Request, vllm_route: VLLMRoute, plan: Plan, release_slots: Callable[[], None]
+    request: SteeredRequest,
+    raw_request: Request,
+    vllm_route: VLLMRoute,
+    plan: Plan,
+    release_slots: Callable[[], None],
+    state: SteeringState,
 ) -> Response | None:
-    assert plan.resolved is not None and plan.wire is not None and plan.salt is not None
-    release = _once(release_slots)
-    echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
-    try:
+    """Run a request that steers, reads, or both: the spec and readout request to the worker, the
+    steering echoed and the readout joined to the response."""
+    echo = None
+    if plan.resolved is not None:
+        assert plan.wire is not None and plan.salt is not None
+        echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
         _attach(request, plan.wire, plan.salt)
+    collector, readout_id = None, None
+    if plan.readout is not None:
+        readout_id, collector = state.readouts.open(plan.readout, request.n or 1, state.token_text)
+        _attach_readout(request, ReadoutRequest.of(plan.readout, readout_id, state.readouts.address))
+
+    def finish() -> None:
+        release_slots()
+        if readout_id is not None:
+            state.readouts.close(readout_id)
+
+    release = _once(finish)
+    try:
         response = await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
     except BaseException:
         release()
         raise
     if isinstance(response, StreamingResponse):
         # Released when the stream ends or breaks off; the background task covers a stream never started.
-        response.body_iterator = _echo_stream(response.body_iterator, echo, release)
+        response.body_iterator = _decorate_stream(response.body_iterator, echo, collector, release)
         response.background = _chain(response.background, release)
     else:
-        release()
-        if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
-            body = json.loads(response.body)
-            body["steering"] = echo
-            headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-            response = JSONResponse(body, headers=headers, background=response.background)
-    if response is not None:
+        try:
+            if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
+                body = json.loads(response.body)
+                if echo is not None:
+                    body["steering"] = echo
+                if collector is not None:
+                    await collector.until_ended()
+                    for choice in body["choices"]:
+                        choice["readout"] = collector.response(collector.take(choice["index"]))
+                headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+                response = JSONResponse(body, headers=headers, background=response.background)
+        finally:
+            release()
+    if response is not None and plan.salt is not None:
         response.headers["x-steering-hash"] = plan.salt
     return response
 
@@ -221,6 +254,14 @@ def _attach(request: SteeredRequest, wire: str, salt: str) -> None:
     """Hand the spec to the worker and keep its KV cache apart from differently steered requests."""
     request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: wire}
     request.cache_salt = f"{salt}:{request.cache_salt}" if request.cache_salt else salt
+
+
+def _attach_readout(request: SteeredRequest, readout: ReadoutRequest) -> None:
+    """Ask the worker for the readout. A prompt read must be computed, not found in the prefix
+    cache: its own salt."""
+    request.vllm_xargs = {**(request.vllm_xargs or {}), READOUT_KEY: readout.model_dump_json()}
+    if readout.prompt:
+        request.cache_salt = f"{readout.id}:{request.cache_salt}" if request.cache_salt else readout.id
 
 
 def _log(state: SteeringState, request: SteeredRequest, key: KeyPolicy | None, plan: Plan | None, **fields) -> None:
@@ -260,18 +301,25 @@ def _chain(background: BackgroundTask | None, fn: Callable[[], None]) -> Backgro
     return BackgroundTask(run)
 
 
-async def _echo_stream(
-    chunks: AsyncIterator[str | bytes], echo: dict, release: Callable[[], None]
+async def _decorate_stream(
+    chunks: AsyncIterator[str | bytes], echo: dict | None, collector: Collector | None, release: Callable[[], None]
 ) -> AsyncIterator[str | bytes]:
-    """Pass the SSE stream through, adding the resolved steering to its first event."""
-    echoed = False
+    """Pass the SSE stream through, adding the resolved steering to its first event and to each
+    choice's events the readout entries that became ready since its last one (all the rest on
+    its last event, once complete)."""
+    echoed = echo is None
     try:
         async for chunk in chunks:
             text = chunk.decode() if isinstance(chunk, bytes) else chunk
-            if not echoed and text.startswith("data: {"):
+            if text.startswith("data: {") and not (echoed and collector is None):
                 event = json.loads(text[len("data: ") :])
-                event["steering"] = echo
-                chunk, echoed = f"data: {json.dumps(event)}\n\n", True
+                if not echoed:
+                    event["steering"], echoed = echo, True
+                for choice in event.get("choices", []) if collector is not None else []:
+                    if choice.get("finish_reason") is not None:
+                        await collector.until_ended(choice["index"])
+                    choice["readout"] = collector.response(collector.take(choice["index"]))
+                chunk = f"data: {json.dumps(event)}\n\n"
             yield chunk
     finally:
         release()

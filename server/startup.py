@@ -48,6 +48,8 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
         width=args.max_features_per_sae,
         max_features=args.max_features,
         max_strength=args.max_strength,
+        max_readout_top_k=args.max_readout_top_k,
+        max_readout_features=args.max_readout_features,
         code_digest=code_digest(),
     )
     return settings, saes

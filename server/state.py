@@ -8,15 +8,25 @@ from pathlib import Path
 
 import torch
 from prometheus_client import Gauge
+from vllm.platforms import current_platform
 
 from features.catalogue import Catalogue
 from features.residuals import ResidualReader
 from features.sae import SAE, load_sae
 from server.policy import KeyPolicy, Policy, authorize, authorize_steering
 from server.presets import Preset, PresetStore, parse_presets
+from server.readout import ReadoutHub
 from server.settings import APISettings
 from steering import wire
-from steering.spec import ResolvedSteering, SteeringError, SteeringSpec, resolve
+from steering.spec import (
+    ReadoutSpec,
+    ResolvedReadout,
+    ResolvedSteering,
+    SteeringError,
+    SteeringSpec,
+    resolve,
+    resolve_readout,
+)
 from steering.wire import EngineSettings
 
 # Back to 0 whenever nothing steered is running: anything else is a leaked slot. With several API
@@ -65,6 +75,7 @@ class Plan:
     resolved: ResolvedSteering | None
     wire: str | None = None  # `resolved` as the worker reads it
     salt: str | None = None  # the prefix-cache salt, and the hash the response echoes
+    readout: ResolvedReadout | None = None
 
 
 class SteeringState:
@@ -82,6 +93,16 @@ class SteeringState:
         self.served_models = served_models
         self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
         self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)
+        self.readouts = ReadoutHub()
+        self._tokenizer = None
+
+    def token_text(self, token_id: int) -> str:
+        """A token as text, as a readout shows it."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer.decode([token_id])
 
     def reader(self, layer: int) -> ResidualReader:
         """The served model, cut after `layer`, in this process (loaded on first use): feature
@@ -94,7 +115,7 @@ class SteeringState:
     def parse_presets(self, path: Path) -> dict[str, Preset]:
         return parse_presets(path, self.saes, self.served_models, self.settings.limits)
 
-    def plan(self, model: str, spec: SteeringSpec | None, key: KeyPolicy | None) -> Plan:
+    def plan(self, model: str, spec: SteeringSpec | None, key: KeyPolicy | None, readout: ReadoutSpec | None = None) -> Plan:
         """Raises SteeringError (400) or PolicyDenied (403)."""
         preset = self.presets.get(model)
         if spec is not None and spec.preset is not None:
@@ -111,7 +132,13 @@ class SteeringState:
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
         authorize_steering(key, resolved)
         base = preset.model if preset else model
+        read = None
+        if readout is not None:
+            if not current_platform.is_cpu():
+                # The readout is computed in the CPU op; the GPU path (fixed shapes for CUDA graphs) does not read yet.
+                raise SteeringError("readout", "readout is available on CPU engines only, not yet on this device")
+            read = resolve_readout(readout, self.saes, self.settings.limits, resolved)
         if resolved is None:
-            return Plan(model=base, preset=preset, resolved=None)
+            return Plan(model=base, preset=preset, resolved=None, readout=read)
         encoded = wire.encode(resolved)
-        return Plan(model=base, preset=preset, resolved=resolved, wire=encoded, salt=wire.cache_salt(encoded))
+        return Plan(model=base, preset=preset, resolved=resolved, wire=encoded, salt=wire.cache_salt(encoded), readout=read)

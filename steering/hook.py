@@ -37,6 +37,7 @@ from torch import nn
 
 from features.sae import SAE
 from steering import kernels
+from steering.wire import ReadoutBatch, ReadoutRequest
 
 # Largest element a token's steering delta may have. Far above what steering can use (the default
 # model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
@@ -50,13 +51,27 @@ CHUNK_BYTES = 8 << 20
 SMALL_SPAN = 1 << 16
 
 
+@dataclass(frozen=True)
+class ReadoutSpan:
+    """Tokens [start, end) of the step, one request's, to read at SAE `request.sae`."""
+
+    req_id: str
+    request: ReadoutRequest
+    start: int
+    end: int
+    position: int  # the position of token `start` in its sequence
+    token_ids: list[int]  # the input token at each
+    prompt_tokens: int  # the prompt's length
+
+
 @dataclass
 class StepRouting:
-    """The step's steered requests, host-side: what the CPU op reads, as the worker writes it
-    before each forward (vLLM lays each request's tokens out contiguously in the step's batch).
-    Shared by every SAE's hook, like the per-token index."""
+    """The step's steered and read requests, host-side: what the CPU op reads, as the worker
+    writes it before each forward (vLLM lays each request's tokens out contiguously in the step's
+    batch). Shared by every SAE's hook, like the per-token index."""
 
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # (row, first token, end token), row > 0
+    readout: list[ReadoutSpan] = field(default_factory=list)
 
 
 # The live hooks by name: the CPU op gets a hook's name, a string constant in the compiled graph.
@@ -114,6 +129,7 @@ class SAESteering(nn.Module):
         self.features_in_row = [0] * rows
         self.chunk = max(1, CHUNK_BYTES // (4 * (sae.cfg.d_sae if sae.dense else d_in)))
         self.small_span = SMALL_SPAN
+        self.read: list[ReadoutBatch] = []  # what the CPU op read since the worker last collected it
         self.name = _register(self)
 
     @torch.no_grad()
@@ -176,6 +192,8 @@ class SAESteering(nn.Module):
         requests' tokens (tokens set aside get one product each, batched, at their own row's K),
         so a request's result never depends on its batchmates.
         """
+        reads = [r for r in self.routing.readout if r.request.sae == self.sae.id]
+        before = [self._activations(hidden, residual, r, r.request.steered) for r in reads]
         n_tokens, small = hidden.shape[0], defaultdict(list)
         for row, start, end in self.routing.spans:
             k, end = self.features_in_row[row], min(end, n_tokens)
@@ -196,6 +214,36 @@ class SAESteering(nn.Module):
                 idx, slots = torch.tensor(tokens[g : g + per_group]), torch.tensor(rows[g : g + per_group])
                 delta = self._gathered(hidden[idx] + residual[idx], slots, self.weight_of_token[idx, None], k)
                 hidden.index_add_(0, idx, delta.to(hidden.dtype))
+        for span, pre in zip(reads, before):
+            self.read.append(self._readout(hidden, residual, span, pre))
+
+    @torch.no_grad()
+    def _activations(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, features: list[int]) -> torch.Tensor:
+        """f [n, len(features)] of the listed features at the span's tokens of stream hidden + residual."""
+        if not features:
+            return torch.zeros(span.end - span.start, 0)
+        sae, idx = self.sae, torch.tensor(features)
+        w_enc, b_enc = sae.W_enc[:, idx], sae.b_enc[idx]
+        params = {name: values[idx] for name, values in sae.params.items()}
+        dense = {"W_enc": sae.W_enc, "b_enc": sae.b_enc}
+        xin, _ = sae.sae_in(hidden[span.start : span.end] + residual[span.start : span.end])
+        return sae.selected_activations(xin, lambda xin: xin @ w_enc + b_enc, params, idx, dense)
+
+    @torch.no_grad()
+    def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> ReadoutBatch:
+        """The span's tokens read on the stream as the next layer sees it (after steering): each
+        token's top_k features and the listed ones, encoded at full width a chunk of tokens at a time."""
+        request, tokens = span.request, []
+        per_chunk = max(1, CHUNK_BYTES // (4 * self.cfg.d_sae))
+        listed = torch.tensor(request.features, dtype=torch.long)
+        for a in range(span.start, span.end, per_chunk):
+            b = min(a + per_chunk, span.end)
+            f = self.sae.encode(hidden[a:b] + residual[a:b])
+            top = torch.topk(f, request.top_k, dim=-1)
+            for t, (indices, values, chosen) in enumerate(zip(top.indices.tolist(), top.values.tolist(), f[:, listed].tolist())):
+                n = a + t - span.start
+                tokens.append((span.position + n, span.token_ids[n], list(zip(indices, values)), chosen, pre[n].tolist()))
+        return ReadoutBatch.model_construct(id=request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=tokens, end=False)
 
     def _steer_row(self, hidden: torch.Tensor, residual: torch.Tensor, row: int, k: int, start: int, end: int) -> None:
         """hidden[start:end] [n, d_in] += the delta of one request's tokens through its row's K features."""

@@ -59,14 +59,29 @@ class SteeringSpec(BaseModel):
     )
 
 
+class ReadoutSpec(BaseModel):
+    """The `readout` field: which features to report at each token (see `resolve_readout`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str = Field(description="id of a server-loaded SAE")
+    top_k: Annotated[int, Field(ge=0, strict=True)] = Field(default=5, description="the most active features per token")
+    features: list[Annotated[int, Field(ge=0, strict=True)]] = Field(
+        default_factory=list, description="feature indices whose activation is reported at every token"
+    )
+    prompt: bool = Field(default=False, description="also read the prompt's tokens")
+
+
 @dataclass(frozen=True)
 class SteeringLimits:
-    """What one request may steer; `steerserve serve` and `steerserve presets check` take these
-    defaults as their flags' defaults."""
+    """What one request may steer and read; `steerserve serve` and `steerserve presets check`
+    take these defaults as their flags' defaults."""
 
     max_features: int = 64
     max_features_per_sae: int = 64
     max_strength: float = 1000.0
+    max_readout_top_k: int = 32
+    max_readout_features: int = 64
 
 
 class SteeringError(ValueError):
@@ -104,6 +119,38 @@ class ResolvedSteering:
             ],
             "prompt_scale": self.prompt_scale,
         }
+
+
+@dataclass(frozen=True)
+class ResolvedReadout:
+    sae: str
+    layer: int
+    top_k: int
+    features: tuple[int, ...]
+    prompt: bool
+    steered: tuple[int, ...]  # this SAE's features the request steers: their values before steering are reported too
+
+
+def resolve_readout(
+    spec: ReadoutSpec, saes: Mapping[str, SAE], limits: SteeringLimits, steering: ResolvedSteering | None
+) -> ResolvedReadout:
+    """Check a readout spec against the loaded SAEs and limits. Raises SteeringError naming the field."""
+    sae = saes.get(spec.sae)
+    if sae is None:
+        raise SteeringError("readout.sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {sorted(saes)}")
+    if spec.top_k > min(limits.max_readout_top_k, sae.cfg.d_sae):
+        raise SteeringError("readout.top_k", f"top_k must be at most {min(limits.max_readout_top_k, sae.cfg.d_sae)}")
+    if len(spec.features) > limits.max_readout_features:
+        raise SteeringError("readout.features", f"at most {limits.max_readout_features} features, got {len(spec.features)}")
+    for n, index in enumerate(spec.features):
+        if index >= sae.cfg.d_sae:
+            raise SteeringError(f"readout.features[{n}]", f"index {index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
+        if index in spec.features[:n]:
+            raise SteeringError(f"readout.features[{n}]", f"feature {index} is listed twice")
+    if not spec.top_k and not spec.features:
+        raise SteeringError("readout", "nothing to read: give top_k > 0 or features")
+    steered = tuple(f.index for f in steering.features if f.sae == sae.id) if steering else ()
+    return ResolvedReadout(sae.id, sae.cfg.layer, spec.top_k, tuple(spec.features), spec.prompt, steered)
 
 
 def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits) -> ResolvedSteering | None:

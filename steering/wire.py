@@ -1,8 +1,12 @@
 """The wire between the API process and vLLM's workers: the one module both sides import.
 
-Two things cross it:
+Three things cross it:
 - per request, the resolved steering, as compact JSON in `SamplingParams.extra_args[CONFIG_KEY]`,
-  and the prefix-cache salt derived from exactly that text;
+  and the prefix-cache salt derived from exactly that text; and a readout request, in
+  `extra_args[READOUT_KEY]` (`ReadoutRequest`);
+- back from the worker (tensor-parallel rank 0) to the API process that asked, over a ZeroMQ
+  socket the API process binds (`ReadoutRequest.to`): the readout, one `ReadoutBatch` per request
+  per engine step, then one with `end` set once the request's state leaves the worker;
 - per engine, `EngineSettings` in vLLM's `additional_config[CONFIG_KEY]`, which vLLM hashes into
   its compile-cache key: the SAE files' digests, the table sizes and a digest of the steering
   code that torch.compile traces, so a graph compiled without these hooks (or with other SAEs,
@@ -21,9 +25,10 @@ from pydantic import BaseModel
 
 from core.local import file_sha256
 from features.sae import ARCHITECTURES, CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE
-from steering.spec import ResolvedSteering, SteeringLimits
+from steering.spec import ResolvedReadout, ResolvedSteering, SteeringLimits
 
 CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in SamplingParams.extra_args
+READOUT_KEY = "steerserve_readout"  # key in SamplingParams.extra_args
 
 # Worker-side modules whose code runs inside the compiled graph: the hook op and the layer callback.
 # The SAE architectures' activations are traced too; their files are added where they are defined.
@@ -51,6 +56,39 @@ def cache_salt(wire: str) -> str:
     return hashlib.sha256(wire.encode()).hexdigest()[:32]
 
 
+class ReadoutRequest(BaseModel):
+    """What the worker reads for a request, and where it sends what it read."""
+
+    id: str  # the API process's key for the request
+    to: str  # the API process's ZeroMQ address
+    sae: str
+    top_k: int
+    features: list[int]
+    prompt: bool  # read the prompt's positions too
+    steered: list[int]  # report these features' values before steering as well
+
+    @classmethod
+    def of(cls, readout: ResolvedReadout, readout_id: str, to: str) -> ReadoutRequest:
+        return cls(
+            id=readout_id, to=to, sae=readout.sae, top_k=readout.top_k, features=list(readout.features),
+            prompt=readout.prompt, steered=list(readout.steered),
+        )  # fmt: skip
+
+
+class ReadoutBatch(BaseModel):
+    """Worker -> API process: positions one engine request read in one step, or its end.
+
+    Each token: [position, token id, [[index, activation], ...] (top_k, most active first),
+    [activation of each listed feature], [activation of each steered feature before steering]].
+    A position read again (a preempted request recomputed) carries the same values."""
+
+    id: str
+    req: str  # the engine's request id: `{i}_...` for choice i when n > 1
+    prompt_tokens: int = 0  # the prompt's length: positions before it are the prompt's
+    tokens: list[tuple[int, int, list[tuple[int, float]], list[float], list[float]]] = []
+    end: bool = False
+
+
 class SAEEntry(BaseModel):
     id: str
     path: str
@@ -66,13 +104,16 @@ class EngineSettings(BaseModel):
     width: int  # features per SAE per request
     max_features: int
     max_strength: float
+    max_readout_top_k: int
+    max_readout_features: int
     code_digest: str  # of the traced steering code (`traced_files`)
 
     @property
     def limits(self) -> SteeringLimits:
         return SteeringLimits(
-            max_features=self.max_features, max_features_per_sae=self.width, max_strength=self.max_strength
-        )
+            max_features=self.max_features, max_features_per_sae=self.width, max_strength=self.max_strength,
+            max_readout_top_k=self.max_readout_top_k, max_readout_features=self.max_readout_features,
+        )  # fmt: skip
 
     def additional_config(self) -> dict:
         return {CONFIG_KEY: self.model_dump()}

@@ -11,7 +11,9 @@ moment the data it needs exists:
   `SamplingParams.extra_args`) and write the token -> row index, and each token's weight
   (its request's prompt_scale on prompt tokens), in place, and the host-side spans (each
   steered request's row and token range) that the CPU op reads;
-- `_on_request_state_removed`: free the row when the request finishes or is aborted.
+- `_on_request_state_removed`: free the row when the request finishes or is aborted;
+- `execute_model`: after the step's forward, send what the CPU op read for requests that asked
+  for a readout to the API process that asked (tensor-parallel rank 0 only), without blocking.
 
 The same module carries a fix for vLLM's CPU runner: without it, a seeded request prefilled in
 chunks kills the engine.
@@ -32,13 +34,14 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+import zmq
 from torch import nn
 
 from core import vllm_internals
 from features.sae import load_sae
 from steering import wire
-from steering.hook import SAESteering, StepRouting, table_bytes
-from steering.wire import CONFIG_KEY, EngineSettings
+from steering.hook import ReadoutSpan, SAESteering, StepRouting, table_bytes
+from steering.wire import CONFIG_KEY, READOUT_KEY, EngineSettings, ReadoutBatch, ReadoutRequest
 
 logger = logging.getLogger("steerserve.worker")
 
@@ -48,11 +51,21 @@ class Steerer:
     and the row allocator."""
 
     def __init__(
-        self, model: nn.Module, saes: list[tuple[str, str]], rows: int, width: int, max_num_tokens: int, device: torch.device
+        self,
+        model: nn.Module,
+        saes: list[tuple[str, str]],
+        rows: int,
+        width: int,
+        max_num_tokens: int,
+        device: torch.device,
+        send: Callable[[str, ReadoutBatch], None] | None = None,
     ):
         """`saes`: (id, path) each; `rows` table rows per SAE (row 0: unsteered); `width` features
-        per SAE per request."""
+        per SAE per request; `send(address, batch)` delivers a readout (None: this worker reads
+        nothing, as on tensor-parallel ranks past 0)."""
         self.rows = rows
+        self._send = send
+        self._readout_of_req: dict[str, ReadoutRequest | None] = {}
         self.slot_of_token = torch.zeros(max_num_tokens, dtype=torch.long, device=device)
         self.weight_of_token = torch.ones(max_num_tokens, dtype=torch.float32, device=device)
         self.routing = StepRouting()
@@ -83,6 +96,16 @@ class Steerer:
         row = self._row_of_req.pop(req_id, 0)
         if row:
             self._free.append(row)
+        readout = self._readout_of_req.pop(req_id, None)
+        if readout is not None and self._send is not None:
+            self._send(readout.to, ReadoutBatch(id=readout.id, req=req_id, end=True))
+
+    def flush(self) -> None:
+        """Send what the step read (after its forward)."""
+        for hook in self.hooks.values():
+            for batch in hook.read:
+                self._send(self._readout_of_req[batch.req].to, batch)  # type: ignore[misc, union-attr]
+            hook.read.clear()
 
     def route(
         self,
@@ -91,16 +114,19 @@ class Steerer:
         extra_args: Callable[[str], dict | None],
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
+        input_ids: np.ndarray | None = None,
     ) -> None:
         """Write this step's token -> row index, token weights and spans, in the runner's final batch order.
 
         `extra_args(req_id)` is a request's SamplingParams.extra_args, where its steering rides.
         `num_computed` and `num_prompt` give, per request in that order, the tokens computed
         before this step and the prompt's length: a token at position < num_prompt is the prompt's.
+        `input_ids`, the step's input tokens, are reported with a readout.
         """
         rows = np.fromiter((self._row(r, extra_args) for r in req_ids), dtype=np.int64, count=len(req_ids))
         ends = np.cumsum(num_scheduled_tokens)
         self.routing.spans = [(int(rows[i]), int(ends[i] - num_scheduled_tokens[i]), int(ends[i])) for i in np.flatnonzero(rows)]
+        self.routing.readout = self._readout_spans(req_ids, ends - num_scheduled_tokens, ends, extra_args, num_computed, num_prompt, input_ids)
         if not rows.any() and not self._routed:
             return  # nobody steers now or last step: the index is already all zeros
         n = int(num_scheduled_tokens.sum())
@@ -120,6 +146,35 @@ class Steerer:
         positions = np.repeat(num_computed - first, num_scheduled_tokens) + np.arange(len(token_rows))
         in_prompt = positions < np.repeat(num_prompt, num_scheduled_tokens)
         return np.where(in_prompt, self._prompt_scale[token_rows], np.float32(1.0)).astype(np.float32)
+
+    def _readout_spans(
+        self,
+        req_ids: list[str],
+        starts: np.ndarray,
+        ends: np.ndarray,
+        extra_args: Callable[[str], dict | None],
+        num_computed: np.ndarray,
+        num_prompt: np.ndarray,
+        input_ids: np.ndarray | None,
+    ) -> list[ReadoutSpan]:
+        """Each reading request's tokens to read this step: all of them, or with `prompt` false
+        only those at positions past the prompt (its generated tokens, fed back in)."""
+        if self._send is None:
+            return []
+        spans = []
+        for i, req_id in enumerate(req_ids):
+            if req_id not in self._readout_of_req:
+                encoded = (extra_args(req_id) or {}).get(READOUT_KEY)
+                self._readout_of_req[req_id] = ReadoutRequest.model_validate_json(encoded) if encoded else None
+            request = self._readout_of_req[req_id]
+            if request is None:
+                continue
+            skip = 0 if request.prompt else max(0, int(num_prompt[i] - num_computed[i]))
+            start, end = int(starts[i]) + skip, int(ends[i])
+            if start < end:
+                ids = input_ids[start:end].tolist() if input_ids is not None else [-1] * (end - start)
+                spans.append(ReadoutSpan(req_id, request, start, end, int(num_computed[i]) + skip, ids, int(num_prompt[i])))
+        return spans
 
     def _row(self, req_id: str, extra_args: Callable[[str], dict | None]) -> int:
         row = self._row_of_req.get(req_id)
@@ -142,6 +197,27 @@ class Steerer:
         for sae_id, hook in self.hooks.items():
             hook.set_row(row, by_sae.get(sae_id, []))
         return row
+
+
+class ReadoutSender:
+    """ZeroMQ PUSH sockets to the API processes that asked for readouts, one per address.
+
+    Never blocks the engine loop: sends are non-blocking with no high-water mark, so a message
+    waits in the socket's queue until the API process takes it (which it does as it arrives,
+    whatever its clients read); a vanished API process's queue is dropped with the socket."""
+
+    def __init__(self) -> None:
+        self._context = zmq.Context.instance()
+        self._sockets: dict[str, zmq.Socket] = {}
+
+    def send(self, address: str, batch: ReadoutBatch) -> None:
+        socket = self._sockets.get(address)
+        if socket is None:
+            socket = self._sockets[address] = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.SNDHWM, 0)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(address)
+        socket.send(batch.model_dump_json().encode(), zmq.NOBLOCK)
 
 
 def _write(target: torch.Tensor, values: np.ndarray) -> None:
@@ -188,15 +264,22 @@ def _on_load(runner: Any) -> None:
     runner._steerer = None
     if settings is not None:
         saes = [(entry.id, entry.path) for entry in settings.saes]
-        runner._steerer = Steerer(runner.model, saes, settings.rows, settings.width, runner.max_num_tokens, runner.device)
+        send = ReadoutSender().send if vllm_internals.tensor_parallel_rank() == 0 else None
+        runner._steerer = Steerer(runner.model, saes, settings.rows, settings.width, runner.max_num_tokens, runner.device, send)
 
 
 def _on_prepared(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
     steerer = getattr(runner, "_steerer", None)
     if steerer is not None:
-        batch = vllm_internals.step_batch(runner)
+        batch = vllm_internals.step_batch(runner, int(num_scheduled_tokens.sum()))
         extra_args = functools.partial(vllm_internals.request_extra_args, runner)
-        steerer.route(batch.req_ids, num_scheduled_tokens, extra_args, batch.num_computed, batch.num_prompt)
+        steerer.route(batch.req_ids, num_scheduled_tokens, extra_args, batch.num_computed, batch.num_prompt, batch.input_ids)
+
+
+def _on_executed(runner: Any) -> None:
+    steerer = getattr(runner, "_steerer", None)
+    if steerer is not None:
+        steerer.flush()
 
 
 def _on_removed(runner: Any, req_id: str) -> None:
@@ -219,4 +302,4 @@ def _configure_logging() -> None:
 def register() -> None:
     """Entry point: patch the V1 model runners (idempotent; vLLM calls it in every process)."""
     _configure_logging()
-    vllm_internals.patch_model_runners(_on_load, _on_prepared, _on_removed)
+    vllm_internals.patch_model_runners(_on_load, _on_prepared, _on_removed, _on_executed)

@@ -120,3 +120,28 @@ def next_token_logprobs(model, token_ids: list[int], interventions: list[Interve
     with steering_hooks(model, list(interventions)):
         logits = model(torch.tensor([token_ids])).logits[0, -1]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def feature_activations(
+    model, token_ids: list[int], sae: SAE, interventions: list[Intervention] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f after steering, f before steering), each [T, d_sae]: `sae`'s activations at every
+    position of `token_ids` on the residual stream after its layer, read in one steered forward."""
+    seen: list[torch.Tensor] = []
+
+    def capture(module, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output)[0].float())
+
+    layer = model.model.layers[sae.cfg.layer]
+    before = layer.register_forward_hook(capture)  # runs before the steering hook: the stream as the layer wrote it
+    try:
+        with steering_hooks(model, list(interventions)):
+            after = layer.register_forward_hook(capture)  # after it: the stream the next layer reads
+            try:
+                model(torch.tensor([token_ids]))
+            finally:
+                after.remove()
+    finally:
+        before.remove()
+    return _activations(sae, seen[1])[0], _activations(sae, seen[0])[0]

@@ -72,21 +72,31 @@ def small_client(small_kv) -> OpenAI:
     return OpenAI(base_url=f"{small_kv.url}/v1", api_key="unused", max_retries=0, timeout=900)
 
 
-def _generate(client: OpenAI, ids: list[int], spec: dict | None, stream: bool = False, n: int = 1) -> list[list[int]]:
+READOUT = {"sae": "jr", "top_k": 3, "features": [0, 1], "prompt": True}
+
+
+def _generate(
+    client: OpenAI, ids: list[int], spec: dict | None, stream: bool = False, n: int = 1, read: bool = False
+) -> list[list[int]] | list[tuple[list[int], list[dict]]]:
     """Token ids of each of the n choices: greedy for one, seeded sampling for several (vLLM
-    refuses n > 1 with greedy), so every answer is reproducible."""
-    extra = {"ignore_eos": True, "return_token_ids": True, **({"steering": spec} if spec else {})}
+    refuses n > 1 with greedy), so every answer is reproducible. With `read`, each choice's
+    (token ids, readout entries)."""
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"steering": spec} if spec else {}),
+             **({"readout": READOUT} if read else {})}  # fmt: skip
     sampling = {"temperature": 0} if n == 1 else {"temperature": 1.0, "seed": 7}
     kwargs = dict(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, n=n, extra_body=extra, **sampling)
     tokens: list[list[int]] = [[] for _ in range(n)]
+    readouts: list[list[dict]] = [[] for _ in range(n)]
     if stream:
         for chunk in client.completions.create(stream=True, **kwargs):
             for choice in chunk.choices:
                 tokens[choice.index] += choice.token_ids or []
+                readouts[choice.index] += (choice.model_extra.get("readout") or {}).get("tokens", [])
     else:
         for choice in client.completions.create(**kwargs).choices:
             tokens[choice.index] = choice.token_ids
-    return tokens
+            readouts[choice.index] = (choice.model_extra.get("readout") or {}).get("tokens", [])
+    return list(zip(tokens, readouts)) if read else tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,36 +120,40 @@ SPECS: dict[str, dict | None] = {
         ]
     },
 }
-# (stream, n) of each request of one (prompt, spec) pair
-VARIANTS = [(False, 1), (True, 1), (False, 2), (True, 1), (False, 1), (True, 2), (False, 1)]
+# (stream, n, read) of each request of one (prompt, spec) pair
+VARIANTS = [(False, 1, True), (True, 1, False), (False, 2, True), (True, 1, True), (False, 1, False), (True, 2, True), (False, 1, False)]
 
 
 def test_no_leakage_under_load(small_kv, small_client, tokenizer):
     """Hundreds of unsteered and variously steered greedy requests at once, over shared prefixes,
-    chunked prefills and a KV cache too small for them: every answer equals its answer alone."""
+    chunked prefills and a KV cache too small for them: every answer equals its answer alone, and
+    so does every readout (each position once, no other request's positions or values)."""
     prompts = [chat_prompt_ids(tokenizer, t) for t in (*SHORT, *(PREFIX + q for q in SHARED), *LONG)]
     assert min(len(p) for p in prompts[-len(LONG) :]) > 3 * PREFILL_CHUNK, "long prompts are prefilled in chunks"
     steered = [name for name in SPECS if name != "none"]
     pairs = [(p, name) for p in range(len(prompts)) for name in ("none", steered[p % 5], steered[(p + 2) % 5])]
-    solo = {(p, name, n): _generate(small_client, prompts[p], SPECS[name], n=n) for p, name in pairs for n in (1, 2)}
+    solo = {(p, name, n): _generate(small_client, prompts[p], SPECS[name], n=n, read=True) for p, name in pairs for n in (1, 2)}
     for p in range(len(prompts)):
-        assert any(solo[(p, name, 1)] != solo[(p, "none", 1)] for q, name in pairs if q == p and name != "none"), "steering bites"
+        assert any(solo[(p, name, 1)][0][0] != solo[(p, "none", 1)][0][0] for q, name in pairs if q == p and name != "none"), "steering bites"
+    for (p, _, _), choices in solo.items():
+        for tokens, readout in choices:
+            assert [t["position"] for t in readout] == list(range(len(prompts[p]) + len(tokens) - 1))
 
-    jobs = [(p, name, stream, n) for p, name in pairs for stream, n in VARIANTS]
+    jobs = [(p, name, stream, n, read) for p, name in pairs for stream, n, read in VARIANTS]
     random.Random(0).shuffle(jobs)
     assert len(jobs) >= 200
     before = engine_metrics(small_kv.url)
     with ThreadPoolExecutor(96) as pool:
-        futures = [pool.submit(_generate, small_client, prompts[p], SPECS[name], stream, n) for p, name, stream, n in jobs]
+        futures = [pool.submit(_generate, small_client, prompts[p], SPECS[name], stream, n, read) for p, name, stream, n, read in jobs]
         results = [f.result() for f in futures]
     after = engine_metrics(small_kv.url)
 
     assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"], "the KV cache ran short"
     assert after["vllm:prefix_cache_hits_total"] > before["vllm:prefix_cache_hits_total"], "prefix caching was used"
     wrong = [
-        (p, name, stream, n)
-        for (p, name, stream, n), choices in zip(jobs, results)
-        if choices != solo[(p, name, n)]
+        (p, name, stream, n, read)
+        for (p, name, stream, n, read), choices in zip(jobs, results)
+        if choices != (solo[(p, name, n)] if read else [tokens for tokens, _ in solo[(p, name, n)]])
     ]
     assert not wrong, f"{len(wrong)} of {len(jobs)} answers differ from their answer alone, e.g. {wrong[:5]}"
 

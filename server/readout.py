@@ -1,0 +1,117 @@
+"""Readouts in the API process: where the worker's `ReadoutBatch`es arrive, and how they join the
+response.
+
+Each API process binds one ZeroMQ PULL socket (its address rides in every readout request it
+sends) and reads it as messages come, so a slow client never holds the worker back: its entries
+wait here. A request's `Collector` keeps each choice's entries by position, so a position read
+twice (a preempted request recomputed) appears once, and knows a choice is complete when the
+worker says its state is gone (every position the engine fed has been read by then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from core.vllm_internals import choice_of
+from steering.spec import ResolvedReadout
+from steering.wire import ReadoutBatch
+
+logger = logging.getLogger("steerserve.readout")
+# How long a finished choice waits for the rest of its readout (the worker sends it as the
+# request's state leaves, within a step or two of the last token).
+COMPLETION_TIMEOUT_S = 30.0
+
+Token = tuple[int, int, list[tuple[int, float]], list[float], list[float]]
+
+
+class Collector:
+    """One request's readout so far, per choice."""
+
+    def __init__(self, readout: ResolvedReadout, choices: int, token_text: Callable[[int], str]):
+        self.readout, self.choices, self._text = readout, choices, token_text
+        self._tokens: list[dict[int, Token]] = [{} for _ in range(choices)]
+        self._prompt: dict[int, Token] = {}  # shared by the choices, whichever computed them
+        self._ended = [False] * choices
+        self._sent: list[set[int]] = [set() for _ in range(choices)]
+        self._changed = asyncio.Event()
+
+    def add(self, batch: ReadoutBatch) -> None:
+        choice = choice_of(batch.req, self.choices)
+        if batch.end:
+            self._ended[choice] = True
+        for token in batch.tokens:
+            (self._prompt if token[0] < batch.prompt_tokens else self._tokens[choice])[token[0]] = token
+        self._changed.set()
+
+    async def until_ended(self, choice: int | None = None) -> bool:
+        """Wait until the choice's (or every choice's) readout is complete; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMPLETION_TIMEOUT_S
+        while not (self._ended[choice] if choice is not None else all(self._ended)):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                logger.warning("readout %s: incomplete after %.0f s", self.readout.sae, COMPLETION_TIMEOUT_S)
+                return False
+        return True
+
+    def take(self, choice: int) -> list[dict]:
+        """The choice's entries not yet taken, in position order, as the response shows them."""
+        ready = {**self._prompt, **self._tokens[choice]}
+        new = sorted(p for p in ready if p not in self._sent[choice])
+        self._sent[choice].update(new)
+        return [self._entry(ready[p]) for p in new]
+
+    def response(self, tokens: list[dict]) -> dict:
+        return {"sae": self.readout.sae, "layer": self.readout.layer, "tokens": tokens}
+
+    def _entry(self, token: Token) -> dict:
+        position, token_id, top, listed, pre = token
+        entry = {
+            "position": position,
+            "token": self._text(token_id),
+            "top": [{"index": i, "activation": v} for i, v in top],
+            "features": {str(i): v for i, v in zip(self.readout.features, listed)},
+        }
+        if self.readout.steered:
+            entry["pre_activation"] = {str(i): v for i, v in zip(self.readout.steered, pre)}
+        return entry
+
+
+class ReadoutHub:
+    """This API process's end of the readout channel."""
+
+    def __init__(self) -> None:
+        self.address = f"ipc://{tempfile.gettempdir()}/steerserve-readout-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._collectors: dict[str, Collector] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.bind(self.address)
+        self._task = asyncio.get_running_loop().create_task(self._receive(socket))
+
+    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            batch = ReadoutBatch.model_validate_json(await socket.recv())
+            collector = self._collectors.get(batch.id)
+            if collector is not None:  # else: its response has gone (finished, or the client left)
+                collector.add(batch)
+
+    def open(self, readout: ResolvedReadout, choices: int, token_text: Callable[[int], str]) -> tuple[str, Collector]:
+        readout_id = uuid.uuid4().hex
+        self._collectors[readout_id] = collector = Collector(readout, choices, token_text)
+        return readout_id, collector
+
+    def close(self, readout_id: str) -> None:
+        self._collectors.pop(readout_id, None)

@@ -28,7 +28,7 @@ from benchmarks.harness import (
     steered_outputs_differing,
 )
 from benchmarks.loadtest import Scenario, mixed, random_spec, unsteered
-from benchmarks.report import HEAVY, STEERED, steering_checks, write_report
+from benchmarks.report import HEAVY, READOUT, STEERED, steering_checks, write_report
 from core.local import stop_server
 from server.cli import model_dtype
 
@@ -70,10 +70,12 @@ def main() -> None:
         differing = steered_outputs_differing(ours, four, CHECKED)
         print(f"steered greedy answers differing from unsteered: {differing} of {CHECKED}", flush=True)
         headline = {"unsteered": unsteered, STEERED: four, "mixed 50/50": mixed(four, 0.5), HEAVY: heavy}
-        runs = [(ours, name, spec, "steerserve") for name, spec in headline.items()]
-        runs += [(plain, "unsteered", unsteered, "plain vLLM"), (bare, "unsteered", unsteered, "steerserve, no SAE")]
-        for rep, (server, name, spec, target) in interleaved(runs, ROUNDS):
-            bench.measure(server, Scenario(name, 64, 128, MAX_TOKENS, spec, {"group": "headline", "rep": rep}), target)
+        runs = [(ours, name, spec, "steerserve", {}) for name, spec in headline.items()]
+        runs += [(ours, READOUT, unsteered, "steerserve", {"readout": {"sae": "default", "top_k": 5}})]
+        runs += [(plain, "unsteered", unsteered, "plain vLLM", {}), (bare, "unsteered", unsteered, "steerserve, no SAE", {})]
+        for rep, (server, name, spec, target, extra) in interleaved(runs, ROUNDS):
+            scenario = Scenario(name, 64, 128, MAX_TOKENS, spec, {"group": "headline", "rep": rep}, extra=extra)
+            bench.measure(server, scenario, target)
         # Long prompts, 4-token answers: prefill dominates. Every target reads the same prompts in a round.
         prefill = [(ours, "unsteered", unsteered, "steerserve"), (ours, HEAVY, heavy, "steerserve"), (plain, "unsteered", unsteered, "plain vLLM")]
         for rep, (server, name, spec, target) in interleaved(prefill, ROUNDS):

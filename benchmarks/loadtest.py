@@ -33,6 +33,7 @@ class Scenario:
     # Each request its own `cache_salt`, so no prompt is served from any target's prefix cache:
     # a prefill scenario measures prefill, on every target alike (steered requests are salted anyway).
     fresh_prefill: bool = False
+    extra: dict = field(default_factory=dict)  # request fields besides steering, e.g. a readout
 
 
 @dataclass
@@ -73,8 +74,11 @@ class _Reply:
     echoed: bool
 
 
-async def _one(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, steering: dict | None, salt: bool) -> _Reply:
-    extra = {"ignore_eos": True, **({"steering": steering} if steering else {}), **({"cache_salt": uuid.uuid4().hex} if salt else {})}
+async def _one(
+    client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, steering: dict | None, salt: bool, fields: dict
+) -> _Reply:
+    extra = {"ignore_eos": True, **fields, **({"steering": steering} if steering else {}),
+             **({"cache_salt": uuid.uuid4().hex} if salt else {})}  # fmt: skip
     start = time.perf_counter()
     stamps: list[float] = []
     tokens = prompt_tokens = 0
@@ -114,7 +118,7 @@ async def run(url: str, model: str, prompts: list[str], scenario: Scenario, seed
         nonlocal tokens, prompt_tokens, unechoed
         async with gate:
             try:
-                reply = await _one(client, model, prompt, scenario.max_tokens, spec, scenario.fresh_prefill)
+                reply = await _one(client, model, prompt, scenario.max_tokens, spec, scenario.fresh_prefill, scenario.extra)
             except Exception as exc:
                 errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
                 return

@@ -62,7 +62,7 @@ TOUCHPOINTS = (
     Touchpoint(BATCH, "InputBatch", "read: prompt length per request (prompt_scale)", sets="self.num_prompt_tokens"),
     Touchpoint(BATCH, "CachedRequestState.sampling_params", "read: the steering spec rides in its extra_args"),
     # The seeded-sampling fix on CPU (see `_wrap_sample`).
-    Touchpoint(RUNNER, "GPUModelRunner._sample", "wrapped: CPU generators of discarded samples saved and restored"),
+    Touchpoint(RUNNER, "GPUModelRunner._sample", "wrapped: CPU generators of discarded samples saved and restored; a stop monitor's token forced"),
     Touchpoint(RUNNER, "GPUModelRunner._bookkeeping_sync", "wrapped: CPU generators kept out of its set_offset rewind"),
     Touchpoint(RUNNER, "GPUModelRunner", "read: which requests' samples this step discards", sets="self.discard_request_mask"),
     Touchpoint(BATCH, "InputBatch", "read: per-request seeded generators", sets="self.generators"),
@@ -149,11 +149,14 @@ def patch_model_runners(
     on_prepared: Callable[[Any, np.ndarray], None],
     on_removed: Callable[[Any, str], None],
     on_executed: Callable[[Any], None],
+    before_sampling: Callable[[Any, torch.Tensor | None], None],
 ) -> None:
     """Wrap the V1 model runners once per process (vLLM calls general plugins in every process):
     `on_load(runner)` after the model loads, `on_prepared(runner, num_scheduled_tokens)` once the
     step's batch is ordered, `on_removed(runner, req_id)` when a request's state goes,
-    `on_executed(runner)` after a step's forward. Also applies the seeded-sampling fix."""
+    `on_executed(runner)` after a step's forward, `before_sampling(runner, logits)` on the step's
+    logits (one row per request, batch order) before the sampler reads them. Also applies the
+    seeded-sampling fix."""
     runner_cls = import_module(RUNNER).GPUModelRunner
     classes: list[type] = [runner_cls]
     try:
@@ -169,7 +172,7 @@ def patch_model_runners(
             cls._prepare_inputs = _wrap_prepare_inputs(cls._prepare_inputs, on_prepared)
             cls._on_request_state_removed = _wrap_state_removed(cls._on_request_state_removed, on_removed)
             cls.execute_model = _after_execute(cls.execute_model, on_executed)
-            cls._sample = _wrap_sample(cls._sample)
+            cls._sample = _wrap_sample(cls._sample, before_sampling)
             cls._bookkeeping_sync = _wrap_bookkeeping_sync(cls._bookkeeping_sync)
         cls._steerserve_patched = True
 
@@ -232,11 +235,13 @@ def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:
     return found
 
 
-def _wrap_sample(original):
+def _wrap_sample(original, before_sampling):
     @functools.wraps(original)
-    def _sample(self, *args, **kwargs):
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        if spec_decode_metadata is None:  # one row per request (speculative decoding has several)
+            before_sampling(self, logits)
         saved = [(g, g.get_state()) for g in _discarded_cpu_generators(self).values()]
-        output = original(self, *args, **kwargs)
+        output = original(self, logits, spec_decode_metadata, *args, **kwargs)
         for generator, state in saved:
             generator.set_state(state)
         return output

@@ -44,12 +44,14 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-readout-features", type=int, default=LIMITS.max_readout_features, help="cap on features listed in a readout"
     )
+    parser.add_argument("--max-monitors", type=int, default=LIMITS.max_monitors, help="monitors per request, attached ones included")
 
 
 def limits_of(args: argparse.Namespace) -> SteeringLimits:
     return SteeringLimits(
         max_features=args.max_features, max_features_per_sae=args.max_features_per_sae, max_strength=args.max_strength,
         max_readout_top_k=args.max_readout_top_k, max_readout_features=args.max_readout_features,
+        max_monitors=args.max_monitors,
     )  # fmt: skip
 
 

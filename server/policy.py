@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import field_path
-from steering.spec import ResolvedSteering, Unit
+from steering.spec import MonitorSpec, ResolvedSteering, Unit
 
 
 class ProtectedFeature(BaseModel):
@@ -39,6 +39,7 @@ class KeyPolicy(BaseModel):
     raw_features: bool = True  # False: presets only
     max_strength: dict[Unit, float] = {}
     protected: list[ProtectedFeature] = []
+    monitors: list[MonitorSpec] = []  # attached to every request the key makes
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyPolicy:

@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from features.sae import SAE
 from server.errors import field_path
-from steering.spec import FeatureIntervention, FiniteFloat, SteeringError, SteeringLimits, SteeringSpec, resolve
+from steering.spec import (
+    FeatureIntervention,
+    FiniteFloat,
+    MonitorSpec,
+    SteeringError,
+    SteeringLimits,
+    SteeringSpec,
+    resolve,
+    resolve_monitors,
+)
 
 logger = logging.getLogger("steerserve.presets")
 
@@ -40,10 +49,18 @@ class Preset(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     model: str
-    features: list[FeatureIntervention] = Field(min_length=1)
+    features: list[FeatureIntervention] = []
     scale: FiniteFloat = 1.0
     prompt_scale: Annotated[FiniteFloat, Field(ge=0)] = 1.0
     sampling: Sampling | None = None
+    # Guardrails: attached to every request through the preset; a request cannot remove them.
+    monitors: list[MonitorSpec] = []
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Preset:
+        if not self.features and not self.monitors:
+            raise ValueError("a preset needs features, monitors or both")
+        return self
 
     def spec(self, extra: SteeringSpec | None = None) -> SteeringSpec:
         """The preset's steering, scaled, with a request's extra features and scale on top; the
@@ -81,6 +98,7 @@ def parse_presets(
         try:
             preset = Preset.model_validate(raw)
             resolve(preset.spec(), saes, limits)
+            resolve_monitors(preset.monitors, saes, limits, where="steering.monitors")
         except ValidationError as exc:
             first = exc.errors()[0]
             field = field_path(first["loc"])

@@ -1,5 +1,5 @@
-"""Readouts in the API process: where the worker's `ReadoutBatch`es arrive, and how they join the
-response.
+"""Readouts and monitors in the API process: where the worker's `ReadoutBatch`es arrive, and how
+they join the response.
 
 Each API process binds one ZeroMQ PULL socket (its address rides in every readout request it
 sends) and reads it as messages come, so a slow client never holds the worker back: its entries
@@ -21,7 +21,8 @@ import zmq
 import zmq.asyncio
 
 from core.vllm_internals import choice_of
-from steering.spec import ResolvedReadout
+from server import metrics
+from steering.spec import ResolvedMonitor, ResolvedReadout
 from steering.wire import ReadoutBatch
 
 logger = logging.getLogger("steerserve.readout")
@@ -33,10 +34,13 @@ Token = tuple[int, int, list[tuple[int, float]], list[float], list[float]]
 
 
 class Collector:
-    """One request's readout so far, per choice."""
+    """One request's readout and monitor firings so far, per choice."""
 
-    def __init__(self, readout: ResolvedReadout, choices: int, token_text: Callable[[int], str]):
-        self.readout, self.choices, self._text = readout, choices, token_text
+    def __init__(
+        self, readout: ResolvedReadout | None, monitors: tuple[ResolvedMonitor, ...], choices: int, token_text: Callable[[int], str]
+    ):
+        self.readout, self.monitors, self.choices, self._text = readout, monitors, choices, token_text
+        self._fired: list[dict[int, tuple[int, int, float]]] = [{} for _ in range(choices)]  # monitor -> its first firing
         self._tokens: list[dict[int, Token]] = [{} for _ in range(choices)]
         self._prompt: dict[int, Token] = {}  # shared by the choices, whichever computed them
         self._ended = [False] * choices
@@ -49,6 +53,14 @@ class Collector:
             self._ended[choice] = True
         for token in batch.tokens:
             (self._prompt if token[0] < batch.prompt_tokens else self._tokens[choice])[token[0]] = token
+        fired = self._fired[choice]
+        for n, position, token_id, value in batch.fired:
+            if n not in fired:
+                monitor = self.monitors[n]
+                metrics.MONITOR_FIRINGS.labels(monitor.source, monitor.action).inc()
+                logger.info("monitor %s/%d (%s, %s) fired at position %d", monitor.sae, monitor.index, monitor.source, monitor.action, position)
+            if n not in fired or position < fired[n][0]:  # a recomputed position may report it again
+                fired[n] = (position, token_id, value)
         self._changed.set()
 
     async def until_ended(self, choice: int | None = None) -> bool:
@@ -60,7 +72,7 @@ class Collector:
             try:
                 await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
             except TimeoutError:
-                logger.warning("readout %s: incomplete after %.0f s", self.readout.sae, COMPLETION_TIMEOUT_S)
+                logger.warning("readout: incomplete after %.0f s", COMPLETION_TIMEOUT_S)
                 return False
         return True
 
@@ -71,8 +83,20 @@ class Collector:
         self._sent[choice].update(new)
         return [self._entry(ready[p]) for p in new]
 
-    def response(self, tokens: list[dict]) -> dict:
-        return {"sae": self.readout.sae, "layer": self.readout.layer, "tokens": tokens}
+    def decorate(self, choice: dict, tokens: list[dict], final: bool) -> None:
+        """Add to a response's choice (or a stream event's) its readout entries `tokens` and, on
+        its last, the monitors that fired; a stop monitor's firing makes it `content_filter`."""
+        if self.readout is not None:
+            choice["readout"] = {"sae": self.readout.sae, "layer": self.readout.layer, "tokens": tokens}
+        if final and self.monitors:
+            fired = sorted(self._fired[choice["index"]].items(), key=lambda item: item[1][0])
+            choice["monitors"] = [
+                {"sae": self.monitors[n].sae, "index": self.monitors[n].index, "position": position,
+                 "token": self._text(token_id), "activation": value, "action": self.monitors[n].action}
+                for n, (position, token_id, value) in fired
+            ]  # fmt: skip
+            if any(self.monitors[n].action == "stop" for n, _ in fired):
+                choice["finish_reason"] = "content_filter"
 
     def _entry(self, token: Token) -> dict:
         position, token_id, top, listed, pre = token
@@ -108,9 +132,11 @@ class ReadoutHub:
             if collector is not None:  # else: its response has gone (finished, or the client left)
                 collector.add(batch)
 
-    def open(self, readout: ResolvedReadout, choices: int, token_text: Callable[[int], str]) -> tuple[str, Collector]:
+    def open(
+        self, readout: ResolvedReadout | None, monitors: tuple[ResolvedMonitor, ...], choices: int, token_text: Callable[[int], str]
+    ) -> tuple[str, Collector]:
         readout_id = uuid.uuid4().hex
-        self._collectors[readout_id] = collector = Collector(readout, choices, token_text)
+        self._collectors[readout_id] = collector = Collector(readout, monitors, choices, token_text)
         return readout_id, collector
 
     def close(self, readout_id: str) -> None:

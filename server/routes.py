@@ -31,7 +31,7 @@ from server.lifecycle import lifecycle
 from server.policy import KeyPolicy, PolicyDenied
 from server.readout import Collector
 from server.state import Plan, SteeringState
-from steering.spec import ReadoutSpec, SteeringError, SteeringSpec
+from steering.spec import MonitorSpec, ReadoutSpec, SteeringError, SteeringSpec
 from steering.wire import CONFIG_KEY, READOUT_KEY, ReadoutRequest
 
 router = APIRouter()
@@ -67,11 +67,13 @@ def _mistyped(cls: type[BaseModel], data: Any) -> str | None:
 class SteeredChatCompletionRequest(_TypedBeforeChecks, ChatCompletionRequest):
     steering: SteeringSpec | None = None
     readout: ReadoutSpec | None = None
+    monitors: list[MonitorSpec] | None = None
 
 
 class SteeredCompletionRequest(_TypedBeforeChecks, CompletionRequest):
     steering: SteeringSpec | None = None
     readout: ReadoutSpec | None = None
+    monitors: list[MonitorSpec] | None = None
 
 
 SteeredRequest = SteeredChatCompletionRequest | SteeredCompletionRequest
@@ -159,9 +161,12 @@ async def _serve(
             metrics.VALIDATION_ERRORS.labels(param).inc()
             return openai_error(HTTPStatus.BAD_REQUEST, f"{param} is reserved; use the '{field}' field", param)
     try:
-        if request.readout is not None and sequences != (request.n or 1):
-            raise SteeringError("readout", "a readout reads one prompt per request; send the prompts separately")
-        plan = state.plan(request.model, request.steering, key, request.readout)
+        plan = state.plan(request.model, request.steering, key, request.readout, request.monitors)
+        if (plan.readout or plan.monitors) and sequences != (request.n or 1):
+            field = "readout" if plan.readout else "monitors"
+            raise SteeringError(field, "readout and monitors follow one prompt per request; send the prompts separately")
+        if any(m.action == "stop" for m in plan.monitors) and request.min_tokens:
+            raise SteeringError("min_tokens", "a stop monitor may end an answer at any token; min_tokens must be 0")
     except SteeringError as exc:
         metrics.VALIDATION_ERRORS.labels(metrics.field_label(exc.param)).inc()
         return openai_error(HTTPStatus.BAD_REQUEST, str(exc), exc.param)
@@ -178,7 +183,7 @@ async def _serve(
     metrics.REQUESTS.labels(str(resolved is not None).lower(), plan.preset.name if plan.preset else "").inc()
     _log(state, request, key, plan, status=200)
     _apply_preset(request, plan)
-    if resolved is None and plan.readout is None:
+    if resolved is None and plan.readout is None and not plan.monitors:
         return await lifecycle(raw_request).within_drain(vllm_route(request, raw_request))
     release_slots = (lambda: state.gate.release(sequences)) if resolved is not None else (lambda: None)
     return await _serve_steered(request, raw_request, vllm_route, plan, release_slots, state)
@@ -200,9 +205,10 @@ async def _serve_steered(
         echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
         _attach(request, plan.wire, plan.salt)
     collector, readout_id = None, None
-    if plan.readout is not None:
-        readout_id, collector = state.readouts.open(plan.readout, request.n or 1, state.token_text)
-        _attach_readout(request, ReadoutRequest.of(plan.readout, readout_id, state.readouts.address))
+    if plan.readout is not None or plan.monitors:
+        readout_id, collector = state.readouts.open(plan.readout, plan.monitors, request.n or 1, state.token_text)
+        stop = state.stop_token() if any(m.action == "stop" for m in plan.monitors) else None
+        _attach_readout(request, ReadoutRequest.of(readout_id, state.readouts.address, plan.readout, plan.monitors, stop))
 
     def finish() -> None:
         release_slots()
@@ -228,7 +234,7 @@ async def _serve_steered(
                 if collector is not None:
                     await collector.until_ended()
                     for choice in body["choices"]:
-                        choice["readout"] = collector.response(collector.take(choice["index"]))
+                        collector.decorate(choice, collector.take(choice["index"]), final=True)
                 headers = {k: v for k, v in response.headers.items() if k != "content-length"}
                 response = JSONResponse(body, headers=headers, background=response.background)
         finally:
@@ -257,11 +263,14 @@ def _attach(request: SteeredRequest, wire: str, salt: str) -> None:
 
 
 def _attach_readout(request: SteeredRequest, readout: ReadoutRequest) -> None:
-    """Ask the worker for the readout. A prompt read must be computed, not found in the prefix
-    cache: its own salt."""
+    """Ask the worker for the readout and monitors. Prompt positions read or watched must be
+    computed, not found in the prefix cache: their own salt. A stop monitor's forced token must
+    end the answer, even where the request ignores end of sequence: a stop token of its own."""
     request.vllm_xargs = {**(request.vllm_xargs or {}), READOUT_KEY: readout.model_dump_json()}
-    if readout.prompt:
+    if (readout.readout and readout.readout.prompt) or any(m.scope != "completion" for m in readout.monitors):
         request.cache_salt = f"{readout.id}:{request.cache_salt}" if request.cache_salt else readout.id
+    if readout.stop_token is not None:
+        request.stop_token_ids = [*(request.stop_token_ids or []), readout.stop_token]
 
 
 def _log(state: SteeringState, request: SteeredRequest, key: KeyPolicy | None, plan: Plan | None, **fields) -> None:
@@ -316,9 +325,10 @@ async def _decorate_stream(
                 if not echoed:
                     event["steering"], echoed = echo, True
                 for choice in event.get("choices", []) if collector is not None else []:
-                    if choice.get("finish_reason") is not None:
+                    final = choice.get("finish_reason") is not None
+                    if final:
                         await collector.until_ended(choice["index"])
-                    choice["readout"] = collector.response(collector.take(choice["index"]))
+                    collector.decorate(choice, collector.take(choice["index"]), final)
                 chunk = f"data: {json.dumps(event)}\n\n"
             yield chunk
     finally:

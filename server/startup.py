@@ -50,6 +50,7 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
         max_strength=args.max_strength,
         max_readout_top_k=args.max_readout_top_k,
         max_readout_features=args.max_readout_features,
+        max_monitors=args.max_monitors,
         code_digest=code_digest(),
     )
     return settings, saes

@@ -19,12 +19,15 @@ from server.readout import ReadoutHub
 from server.settings import APISettings
 from steering import wire
 from steering.spec import (
+    MonitorSpec,
     ReadoutSpec,
+    ResolvedMonitor,
     ResolvedReadout,
     ResolvedSteering,
     SteeringError,
     SteeringSpec,
     resolve,
+    resolve_monitors,
     resolve_readout,
 )
 from steering.wire import EngineSettings
@@ -76,6 +79,7 @@ class Plan:
     wire: str | None = None  # `resolved` as the worker reads it
     salt: str | None = None  # the prefix-cache salt, and the hash the response echoes
     readout: ResolvedReadout | None = None
+    monitors: tuple[ResolvedMonitor, ...] = ()  # the request's, its preset's and its key's
 
 
 class SteeringState:
@@ -104,6 +108,11 @@ class SteeringState:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer.decode([token_id])
 
+    def stop_token(self) -> int:
+        """The token a stop monitor forces: the model's end of sequence."""
+        self.token_text(0)  # loads the tokenizer
+        return self._tokenizer.eos_token_id
+
     def reader(self, layer: int) -> ResidualReader:
         """The served model, cut after `layer`, in this process (loaded on first use): feature
         search by text reads residuals here rather than through the engine's batch."""
@@ -115,7 +124,14 @@ class SteeringState:
     def parse_presets(self, path: Path) -> dict[str, Preset]:
         return parse_presets(path, self.saes, self.served_models, self.settings.limits)
 
-    def plan(self, model: str, spec: SteeringSpec | None, key: KeyPolicy | None, readout: ReadoutSpec | None = None) -> Plan:
+    def plan(
+        self,
+        model: str,
+        spec: SteeringSpec | None,
+        key: KeyPolicy | None,
+        readout: ReadoutSpec | None = None,
+        monitors: list[MonitorSpec] | None = None,
+    ) -> Plan:
         """Raises SteeringError (400) or PolicyDenied (403)."""
         preset = self.presets.get(model)
         if spec is not None and spec.preset is not None:
@@ -132,13 +148,20 @@ class SteeringState:
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
         authorize_steering(key, resolved)
         base = preset.model if preset else model
-        read = None
-        if readout is not None:
-            if not current_platform.is_cpu():
-                # The readout is computed in the CPU op; the GPU path (fixed shapes for CUDA graphs) does not read yet.
-                raise SteeringError("readout", "readout is available on CPU engines only, not yet on this device")
-            read = resolve_readout(readout, self.saes, self.settings.limits, resolved)
+        limits = self.settings.limits
+        watch = resolve_monitors(monitors or [], self.saes, limits)
+        if preset is not None:
+            watch += resolve_monitors(preset.monitors, self.saes, limits, source=f"preset:{preset.name}")
+        if key is not None:
+            watch += resolve_monitors(key.monitors, self.saes, limits, source=f"policy:{key.name}")
+        if len(watch) > limits.max_monitors:
+            raise SteeringError("monitors", f"at most {limits.max_monitors} monitors, with the preset's and key's; got {len(watch)}")
+        read = resolve_readout(readout, self.saes, limits, resolved) if readout is not None else None
+        if (read is not None or watch) and not current_platform.is_cpu():
+            # Both are computed in the CPU op; the GPU path (fixed shapes for CUDA graphs) does not read yet.
+            raise SteeringError("readout" if read else "monitors", "readout and monitors run on CPU engines only, not yet on this device")
         if resolved is None:
-            return Plan(model=base, preset=preset, resolved=None, readout=read)
+            return Plan(model=base, preset=preset, resolved=None, readout=read, monitors=watch)
         encoded = wire.encode(resolved)
-        return Plan(model=base, preset=preset, resolved=resolved, wire=encoded, salt=wire.cache_salt(encoded), readout=read)
+        salt = wire.cache_salt(encoded)
+        return Plan(model=base, preset=preset, resolved=resolved, wire=encoded, salt=salt, readout=read, monitors=watch)

@@ -53,7 +53,7 @@ SMALL_SPAN = 1 << 16
 
 @dataclass(frozen=True)
 class ReadoutSpan:
-    """Tokens [start, end) of the step, one request's, to read at SAE `request.sae`."""
+    """Tokens [start, end) of the step, one request's, to read and watch."""
 
     req_id: str
     request: ReadoutRequest
@@ -71,7 +71,8 @@ class StepRouting:
     batch). Shared by every SAE's hook, like the per-token index."""
 
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # (row, first token, end token), row > 0
-    readout: list[ReadoutSpan] = field(default_factory=list)
+    readout: list[ReadoutSpan] = field(default_factory=list)  # requests that read or watch
+    stop: set[str] = field(default_factory=set)  # requests a stop monitor ended: their next token is their stop token
 
 
 # The live hooks by name: the CPU op gets a hook's name, a string constant in the compiled graph.
@@ -192,8 +193,8 @@ class SAESteering(nn.Module):
         requests' tokens (tokens set aside get one product each, batched, at their own row's K),
         so a request's result never depends on its batchmates.
         """
-        reads = [r for r in self.routing.readout if r.request.sae == self.sae.id]
-        before = [self._activations(hidden, residual, r, r.request.steered) for r in reads]
+        watched = [w for w in self.routing.readout if w.request.touches(self.sae.id)]
+        before = [self._before(hidden, residual, w) for w in watched]
         n_tokens, small = hidden.shape[0], defaultdict(list)
         for row, start, end in self.routing.spans:
             k, end = self.features_in_row[row], min(end, n_tokens)
@@ -214,36 +215,82 @@ class SAESteering(nn.Module):
                 idx, slots = torch.tensor(tokens[g : g + per_group]), torch.tensor(rows[g : g + per_group])
                 delta = self._gathered(hidden[idx] + residual[idx], slots, self.weight_of_token[idx, None], k)
                 hidden.index_add_(0, idx, delta.to(hidden.dtype))
-        for span, pre in zip(reads, before):
-            self.read.append(self._readout(hidden, residual, span, pre))
+        for span, pre in zip(watched, before):
+            if (found := self._observe(hidden, residual, span, pre)) is not None:
+                self.read.append(found)
 
     @torch.no_grad()
-    def _activations(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, features: list[int]) -> torch.Tensor:
-        """f [n, len(features)] of the listed features at the span's tokens of stream hidden + residual."""
+    def _activations(self, stream: torch.Tensor, features: list[int]) -> torch.Tensor:
+        """f [n, len(features)] of the listed features at residual vectors stream [n, d_in]."""
         if not features:
-            return torch.zeros(span.end - span.start, 0)
+            return stream.new_zeros(stream.shape[0], 0, dtype=torch.float32)
         sae, idx = self.sae, torch.tensor(features)
         w_enc, b_enc = sae.W_enc[:, idx], sae.b_enc[idx]
         params = {name: values[idx] for name, values in sae.params.items()}
         dense = {"W_enc": sae.W_enc, "b_enc": sae.b_enc}
-        xin, _ = sae.sae_in(hidden[span.start : span.end] + residual[span.start : span.end])
+        xin, _ = sae.sae_in(stream)
         return sae.selected_activations(xin, lambda xin: xin @ w_enc + b_enc, params, idx, dense)
 
+    def _first_read(self, span: ReadoutSpan) -> int:
+        """The span's first token to read: its first, or its first past the prompt."""
+        readout = span.request.readout
+        if readout is None or readout.sae != self.sae.id:
+            return span.end  # nothing to read here
+        return span.start + (0 if readout.prompt else max(0, min(span.end - span.start, span.prompt_tokens - span.position)))
+
+    def _before(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan) -> torch.Tensor:
+        """The read tokens' values of the request's steered features, before steering."""
+        first, readout = self._first_read(span), span.request.readout
+        steered = readout.steered if first < span.end and readout is not None else []
+        return self._activations(hidden[first : span.end] + residual[first : span.end], steered)
+
     @torch.no_grad()
-    def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> ReadoutBatch:
-        """The span's tokens read on the stream as the next layer sees it (after steering): each
-        token's top_k features and the listed ones, encoded at full width a chunk of tokens at a time."""
-        request, tokens = span.request, []
+    def _observe(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> ReadoutBatch | None:
+        """What the span's tokens show on the stream as the next layer sees it (after steering):
+        its readout at this SAE, and the monitors at this SAE that fire (a stop one marks the
+        request to stop)."""
+        tokens = self._readout(hidden, residual, span, pre)
+        fired = self._watch(hidden, residual, span)
+        if not tokens and not fired:
+            return None
+        return ReadoutBatch.model_construct(
+            id=span.request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=tokens, fired=fired, end=False
+        )
+
+    def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> list:
+        """Each read token's top_k features and the listed ones, encoded at full width a chunk of
+        tokens at a time."""
+        first, readout, tokens = self._first_read(span), span.request.readout, []
+        if first >= span.end or readout is None:
+            return tokens
         per_chunk = max(1, CHUNK_BYTES // (4 * self.cfg.d_sae))
-        listed = torch.tensor(request.features, dtype=torch.long)
-        for a in range(span.start, span.end, per_chunk):
+        listed = torch.tensor(readout.features, dtype=torch.long)
+        for a in range(first, span.end, per_chunk):
             b = min(a + per_chunk, span.end)
             f = self.sae.encode(hidden[a:b] + residual[a:b])
-            top = torch.topk(f, request.top_k, dim=-1)
+            top = torch.topk(f, readout.top_k, dim=-1)
             for t, (indices, values, chosen) in enumerate(zip(top.indices.tolist(), top.values.tolist(), f[:, listed].tolist())):
                 n = a + t - span.start
-                tokens.append((span.position + n, span.token_ids[n], list(zip(indices, values)), chosen, pre[n].tolist()))
-        return ReadoutBatch.model_construct(id=request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=tokens, end=False)
+                tokens.append((span.position + n, span.token_ids[n], list(zip(indices, values)), chosen, pre[a + t - first].tolist()))
+        return tokens
+
+    def _watch(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan) -> list[tuple[int, int, int, float]]:
+        """The monitors at this SAE that fire in the span, each at its first token in scope."""
+        mine = [(n, m) for n, m in enumerate(span.request.monitors) if m.sae == self.sae.id]
+        if not mine:
+            return []
+        f = self._activations(hidden[span.start : span.end] + residual[span.start : span.end], [m.index for _, m in mine])
+        in_prompt = torch.arange(span.position, span.position + span.end - span.start) < span.prompt_tokens
+        scopes = {"prompt": in_prompt, "completion": ~in_prompt, "all": torch.ones_like(in_prompt)}
+        fired = []
+        for j, (n, monitor) in enumerate(mine):
+            hits = torch.nonzero((f[:, j] > monitor.above) & scopes[monitor.scope])
+            if len(hits):
+                t = int(hits[0])
+                fired.append((n, span.position + t, span.token_ids[t], float(f[t, j])))
+                if monitor.stop:
+                    self.routing.stop.add(span.req_id)
+        return fired
 
     def _steer_row(self, hidden: torch.Tensor, residual: torch.Tensor, row: int, k: int, start: int, end: int) -> None:
         """hidden[start:end] [n, d_in] += the delta of one request's tokens through its row's K features."""

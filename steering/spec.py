@@ -33,6 +33,7 @@ from features.sae import SAE
 
 Mode = Literal["add", "clamp", "ablate", "scale"]
 Unit = Literal["raw", "max_act", "norm"]
+Scope = Literal["prompt", "completion", "all"]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
@@ -72,6 +73,19 @@ class ReadoutSpec(BaseModel):
     prompt: bool = Field(default=False, description="also read the prompt's tokens")
 
 
+class MonitorSpec(BaseModel):
+    """One entry of the `monitors` field: watch a feature, flag or stop when it fires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str = Field(description="id of a server-loaded SAE")
+    index: Annotated[int, Field(ge=0, strict=True)]
+    above: FiniteFloat = Field(description="fires where the feature's activation exceeds this")
+    unit: Literal["raw", "max_act"] = "raw"
+    action: Literal["flag", "stop"] = "flag"
+    scope: Scope = "completion"
+
+
 @dataclass(frozen=True)
 class SteeringLimits:
     """What one request may steer and read; `steerserve serve` and `steerserve presets check`
@@ -82,6 +96,7 @@ class SteeringLimits:
     max_strength: float = 1000.0
     max_readout_top_k: int = 32
     max_readout_features: int = 64
+    max_monitors: int = 16
 
 
 class SteeringError(ValueError):
@@ -151,6 +166,38 @@ def resolve_readout(
         raise SteeringError("readout", "nothing to read: give top_k > 0 or features")
     steered = tuple(f.index for f in steering.features if f.sae == sae.id) if steering else ()
     return ResolvedReadout(sae.id, sae.cfg.layer, spec.top_k, tuple(spec.features), spec.prompt, steered)
+
+
+@dataclass(frozen=True)
+class ResolvedMonitor:
+    sae: str
+    index: int
+    above: float  # raw units
+    action: Literal["flag", "stop"]
+    scope: Scope
+    source: str  # "request", or the preset or policy key that attached it
+
+
+def resolve_monitors(
+    specs: list[MonitorSpec], saes: Mapping[str, SAE], limits: SteeringLimits, source: str = "request", where: str = "monitors"
+) -> tuple[ResolvedMonitor, ...]:
+    """Check monitors against the loaded SAEs and limits. Raises SteeringError naming the field."""
+    if len(specs) > limits.max_monitors:
+        raise SteeringError(where, f"at most {limits.max_monitors} monitors, got {len(specs)}")
+    resolved = []
+    for n, spec in enumerate(specs):
+        sae = saes.get(spec.sae)
+        if sae is None:
+            raise SteeringError(f"{where}[{n}].sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {sorted(saes)}")
+        if spec.index >= sae.cfg.d_sae:
+            raise SteeringError(f"{where}[{n}].index", f"index {spec.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
+        above = spec.above
+        if spec.unit == "max_act":
+            if sae.max_act is None:
+                raise SteeringError(f"{where}[{n}].unit", f"SAE {sae.id!r} has no feature statistics; use unit 'raw'")
+            above *= float(sae.max_act[spec.index])
+        resolved.append(ResolvedMonitor(sae.id, spec.index, above, spec.action, spec.scope, source))
+    return tuple(resolved)
 
 
 def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits) -> ResolvedSteering | None:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from core.local import file_sha256
 from features.sae import ARCHITECTURES, CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE
-from steering.spec import ResolvedReadout, ResolvedSteering, SteeringLimits
+from steering.spec import ResolvedMonitor, ResolvedReadout, ResolvedSteering, Scope, SteeringLimits
 
 CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in SamplingParams.extra_args
 READOUT_KEY = "steerserve_readout"  # key in SamplingParams.extra_args
@@ -56,22 +56,43 @@ def cache_salt(wire: str) -> str:
     return hashlib.sha256(wire.encode()).hexdigest()[:32]
 
 
-class ReadoutRequest(BaseModel):
-    """What the worker reads for a request, and where it sends what it read."""
-
-    id: str  # the API process's key for the request
-    to: str  # the API process's ZeroMQ address
+class WireReadout(BaseModel):
     sae: str
     top_k: int
     features: list[int]
     prompt: bool  # read the prompt's positions too
     steered: list[int]  # report these features' values before steering as well
 
+
+class WireMonitor(BaseModel):
+    sae: str
+    index: int
+    above: float  # raw units; fires where the activation exceeds it
+    stop: bool  # force `stop_token` as the next token once it fires
+    scope: Scope
+
+
+class ReadoutRequest(BaseModel):
+    """What the worker reads and watches for a request, and where it sends what it found."""
+
+    id: str  # the API process's key for the request
+    to: str  # the API process's ZeroMQ address
+    readout: WireReadout | None = None
+    monitors: list[WireMonitor] = []
+    stop_token: int | None = None  # what a stop monitor forces: a stop token of the request
+
+    def touches(self, sae: str) -> bool:
+        return (self.readout is not None and self.readout.sae == sae) or any(m.sae == sae for m in self.monitors)
+
     @classmethod
-    def of(cls, readout: ResolvedReadout, readout_id: str, to: str) -> ReadoutRequest:
+    def of(
+        cls, request_id: str, to: str, readout: ResolvedReadout | None, monitors: tuple[ResolvedMonitor, ...], stop_token: int | None
+    ) -> ReadoutRequest:
         return cls(
-            id=readout_id, to=to, sae=readout.sae, top_k=readout.top_k, features=list(readout.features),
-            prompt=readout.prompt, steered=list(readout.steered),
+            id=request_id, to=to, stop_token=stop_token,
+            readout=WireReadout(sae=readout.sae, top_k=readout.top_k, features=list(readout.features), prompt=readout.prompt,
+                                steered=list(readout.steered)) if readout else None,
+            monitors=[WireMonitor(sae=m.sae, index=m.index, above=m.above, stop=m.action == "stop", scope=m.scope) for m in monitors],
         )  # fmt: skip
 
 
@@ -86,6 +107,7 @@ class ReadoutBatch(BaseModel):
     req: str  # the engine's request id: `{i}_...` for choice i when n > 1
     prompt_tokens: int = 0  # the prompt's length: positions before it are the prompt's
     tokens: list[tuple[int, int, list[tuple[int, float]], list[float], list[float]]] = []
+    fired: list[tuple[int, int, int, float]] = []  # (monitor's place in the request's list, position, token id, activation)
     end: bool = False
 
 
@@ -106,6 +128,7 @@ class EngineSettings(BaseModel):
     max_strength: float
     max_readout_top_k: int
     max_readout_features: int
+    max_monitors: int
     code_digest: str  # of the traced steering code (`traced_files`)
 
     @property
@@ -113,6 +136,7 @@ class EngineSettings(BaseModel):
         return SteeringLimits(
             max_features=self.max_features, max_features_per_sae=self.width, max_strength=self.max_strength,
             max_readout_top_k=self.max_readout_top_k, max_readout_features=self.max_readout_features,
+            max_monitors=self.max_monitors,
         )  # fmt: skip
 
     def additional_config(self) -> dict:

@@ -61,8 +61,8 @@ class Steerer:
         send: Callable[[str, ReadoutBatch], None] | None = None,
     ):
         """`saes`: (id, path) each; `rows` table rows per SAE (row 0: unsteered); `width` features
-        per SAE per request; `send(address, batch)` delivers a readout (None: this worker reads
-        nothing, as on tensor-parallel ranks past 0)."""
+        per SAE per request; `send(address, batch)` delivers a readout (None: on tensor-parallel
+        ranks past 0, which watch as rank 0 does, so that all stop alike, but send nothing)."""
         self.rows = rows
         self._send = send
         self._readout_of_req: dict[str, ReadoutRequest | None] = {}
@@ -96,15 +96,25 @@ class Steerer:
         row = self._row_of_req.pop(req_id, 0)
         if row:
             self._free.append(row)
+        self.routing.stop.discard(req_id)
         readout = self._readout_of_req.pop(req_id, None)
         if readout is not None and self._send is not None:
             self._send(readout.to, ReadoutBatch(id=readout.id, req=req_id, end=True))
 
+    def force_stops(self, req_ids: list[str], logits: torch.Tensor) -> None:
+        """Make each stopped request's next token its stop token: logits [requests, vocab], one
+        row per request in batch order."""
+        for i, req_id in enumerate(req_ids):
+            if req_id in self.routing.stop:
+                stop_token = self._readout_of_req[req_id].stop_token  # type: ignore[union-attr]
+                logits[i] = float("-inf")
+                logits[i, stop_token] = 0.0
+
     def flush(self) -> None:
         """Send what the step read (after its forward)."""
         for hook in self.hooks.values():
-            for batch in hook.read:
-                self._send(self._readout_of_req[batch.req].to, batch)  # type: ignore[misc, union-attr]
+            for batch in hook.read if self._send is not None else ():
+                self._send(self._readout_of_req[batch.req].to, batch)  # type: ignore[union-attr]
             hook.read.clear()
 
     def route(
@@ -157,10 +167,7 @@ class Steerer:
         num_prompt: np.ndarray,
         input_ids: np.ndarray | None,
     ) -> list[ReadoutSpan]:
-        """Each reading request's tokens to read this step: all of them, or with `prompt` false
-        only those at positions past the prompt (its generated tokens, fed back in)."""
-        if self._send is None:
-            return []
+        """Each request's tokens this step, where it reads or watches (the hooks choose which)."""
         spans = []
         for i, req_id in enumerate(req_ids):
             if req_id not in self._readout_of_req:
@@ -169,11 +176,10 @@ class Steerer:
             request = self._readout_of_req[req_id]
             if request is None:
                 continue
-            skip = 0 if request.prompt else max(0, int(num_prompt[i] - num_computed[i]))
-            start, end = int(starts[i]) + skip, int(ends[i])
+            start, end = int(starts[i]), int(ends[i])
             if start < end:
                 ids = input_ids[start:end].tolist() if input_ids is not None else [-1] * (end - start)
-                spans.append(ReadoutSpan(req_id, request, start, end, int(num_computed[i]) + skip, ids, int(num_prompt[i])))
+                spans.append(ReadoutSpan(req_id, request, start, end, int(num_computed[i]), ids, int(num_prompt[i])))
         return spans
 
     def _row(self, req_id: str, extra_args: Callable[[str], dict | None]) -> int:
@@ -276,6 +282,12 @@ def _on_prepared(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
         steerer.route(batch.req_ids, num_scheduled_tokens, extra_args, batch.num_computed, batch.num_prompt, batch.input_ids)
 
 
+def _before_sampling(runner: Any, logits: torch.Tensor | None) -> None:
+    steerer = getattr(runner, "_steerer", None)
+    if steerer is not None and steerer.routing.stop and logits is not None:
+        steerer.force_stops(vllm_internals.step_batch(runner, 0).req_ids, logits)
+
+
 def _on_executed(runner: Any) -> None:
     steerer = getattr(runner, "_steerer", None)
     if steerer is not None:
@@ -302,4 +314,4 @@ def _configure_logging() -> None:
 def register() -> None:
     """Entry point: patch the V1 model runners (idempotent; vLLM calls it in every process)."""
     _configure_logging()
-    vllm_internals.patch_model_runners(_on_load, _on_prepared, _on_removed, _on_executed)
+    vllm_internals.patch_model_runners(_on_load, _on_prepared, _on_removed, _on_executed, _before_sampling)

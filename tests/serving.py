@@ -43,6 +43,10 @@ keys:
     protected:
       - {sae: jr, index: 5, forbid: negative}
       - {sae: jr, index: 6, forbid: any}
+  - name: watched
+    key: sk-test-watched
+    monitors:
+      - {sae: jr, index: 0, above: -1.0, action: flag, scope: all}  # fires on the first token
 """ % __import__("hashlib").sha256(b"sk-test-guarded").hexdigest()
 PREFILL_CHUNK = 256  # small token budget per step, so long prompts are prefilled in several chunks
 

@@ -19,7 +19,7 @@ def _batch(req: str, positions: range, prompt_tokens: int = 3, value: float = 1.
 
 
 def test_positions_once_in_order_across_recomputation_and_choices():
-    collector = Collector(READ, choices=2, token_text=lambda t: f"<{t}>")
+    collector = Collector(READ, (), choices=2, token_text=lambda t: f"<{t}>")
     collector.add(_batch("0_parent", range(0, 3)))  # choice 0 computes the shared prompt
     collector.add(_batch("0_parent", range(3, 5)))
     collector.add(_batch("1_parent", range(3, 4), value=9.0))  # choice 1's own first token
@@ -42,7 +42,7 @@ def test_complete_only_once_every_choice_has_ended(monkeypatch):
     monkeypatch.setattr(readout_module, "COMPLETION_TIMEOUT_S", 0.2)
 
     async def run() -> tuple[bool, bool, bool]:
-        collector = Collector(READ, choices=2, token_text=str)
+        collector = Collector(READ, (), choices=2, token_text=str)
         collector.add(_batch("0_p", range(0), end=True))
         early = await collector.until_ended()  # choice 1 never ends: times out
         asyncio.get_running_loop().call_later(0.05, collector.add, _batch("1_p", range(0), end=True))

@@ -29,7 +29,7 @@ test: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
-# The load test and its budgets (benchmarks/README.md); under 20 minutes on the CPU default.
+# The load test and its budgets (benchmarks/README.md); about an hour on a 2-core CPU.
 bench: setup
 	$(BIN)/python -m benchmarks
 

@@ -153,9 +153,29 @@ def test_no_leakage_under_load(small_kv, small_client, tokenizer):
     wrong = [
         (p, name, stream, n, read)
         for (p, name, stream, n, read), choices in zip(jobs, results)
-        if choices != (solo[(p, name, n)] if read else [tokens for tokens, _ in solo[(p, name, n)]])
+        if not (_same_readouts(choices, solo[(p, name, n)]) if read else choices == [tokens for tokens, _ in solo[(p, name, n)]])
     ]
     assert not wrong, f"{len(wrong)} of {len(jobs)} answers differ from their answer alone, e.g. {wrong[:5]}"
+
+
+def _same_readouts(got: list[tuple[list[int], list[dict]]], alone: list[tuple[list[int], list[dict]]]) -> bool:
+    """The same tokens, and readouts of the same positions and tokens with the same values: to float32
+    rounding, since the SAE encodes a request's tokens in groups that follow how its prefill was
+    split into steps, and a matmul's rounding may follow its row count. Top indices match too,
+    unless their activations tie to that rounding."""
+    if [tokens for tokens, _ in got] != [tokens for tokens, _ in alone]:
+        return False
+    for (_, mine), (_, theirs) in zip(got, alone):
+        if [(t["position"], t["token"]) for t in mine] != [(t["position"], t["token"]) for t in theirs]:
+            return False
+        for a, b in zip(mine, theirs):
+            values = [(x["activation"], y["activation"]) for x, y in zip(a["top"], b["top"])]
+            values += [(a["features"][i], b["features"][i]) for i in b["features"]]
+            if any(abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in values):
+                return False
+            if [x["index"] for x in a["top"]] != [y["index"] for y in b["top"]] and len({round(v, 3) for v, _ in values[:3]}) == 3:
+                return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

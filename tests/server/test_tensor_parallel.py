@@ -19,6 +19,7 @@ from openai import OpenAI
 
 from core.local import Server, stop_server
 from tests.helpers import chat_prompt_ids, in_one_batch, logprob_gaps, served_logprobs, spec_and_reference
+from tests.reference import feature_activations
 from tests.serving import start_side_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -62,3 +63,21 @@ def test_every_rank_steers_alike(tp_server, hf_model, tokenizer, saes):
         assert gap < TOLERANCE, (steering is not None, gap)
         moved = max(moved, moved_here)
     assert moved > 0.5 and math.isfinite(moved), "the steering moves the model well past the tolerance"
+
+
+def test_the_readout_comes_once_from_the_ranks(tp_server, hf_model, tokenizer, saes):
+    """Rank 0 sends the readout: each position once, its values the reference's on the same tokens."""
+    client = OpenAI(base_url=f"{tp_server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    spec, interventions = spec_and_reference(saes, STEER)
+    ids = chat_prompt_ids(tokenizer, PROMPTS[0])
+    choice = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=N_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "steering": spec,
+                    "readout": {"sae": "jr", "top_k": 3, "features": [1], "prompt": True}},
+    ).choices[0]  # fmt: skip
+    fed = ids + choice.token_ids[:-1]
+    tokens = choice.model_extra["readout"]["tokens"]
+    assert [t["position"] for t in tokens] == list(range(len(fed)))
+    after, _ = feature_activations(hf_model, fed, saes["jr"], interventions)
+    for entry, f in zip(tokens, after):
+        assert entry["features"]["1"] == pytest.approx(float(f[1]), rel=1e-3, abs=1e-3)

@@ -45,6 +45,7 @@ class Collector:
         self._prompt: dict[int, Token] = {}  # shared by the choices, whichever computed them
         self._ended = [False] * choices
         self._sent: list[set[int]] = [set() for _ in range(choices)]
+        self._new = [False] * choices  # entries arrived that `take` has not given yet
         self._changed = asyncio.Event()
 
     def add(self, batch: ReadoutBatch) -> None:
@@ -52,7 +53,10 @@ class Collector:
         if batch.end:
             self._ended[choice] = True
         for token in batch.tokens:
-            (self._prompt if token[0] < batch.prompt_tokens else self._tokens[choice])[token[0]] = token
+            prompt = token[0] < batch.prompt_tokens
+            (self._prompt if prompt else self._tokens[choice])[token[0]] = token
+            for c in range(self.choices) if prompt else (choice,):
+                self._new[c] = True
         fired = self._fired[choice]
         for n, position, token_id, value in batch.fired:
             if n not in fired:
@@ -76,8 +80,14 @@ class Collector:
                 return False
         return True
 
+    @property
+    def pending(self) -> bool:
+        """Whether some choice has entries not yet taken."""
+        return any(self._new)
+
     def take(self, choice: int) -> list[dict]:
         """The choice's entries not yet taken, in position order, as the response shows them."""
+        self._new[choice] = False
         ready = {**self._prompt, **self._tokens[choice]}
         new = sorted(p for p in ready if p not in self._sent[choice])
         self._sent[choice].update(new)
@@ -127,7 +137,7 @@ class ReadoutHub:
 
     async def _receive(self, socket: zmq.asyncio.Socket) -> None:
         while True:
-            batch = ReadoutBatch.model_validate_json(await socket.recv())
+            batch = ReadoutBatch.unpack(await socket.recv())
             collector = self._collectors.get(batch.id)
             if collector is not None:  # else: its response has gone (finished, or the client left)
                 collector.add(batch)

@@ -320,7 +320,10 @@ async def _decorate_stream(
     try:
         async for chunk in chunks:
             text = chunk.decode() if isinstance(chunk, bytes) else chunk
-            if text.startswith("data: {") and not (echoed and collector is None):
+            # An event with nothing to add passes as it is: no choice finishes in it (no
+            # finish_reason string) and no readout entry waits.
+            idle = echoed and (collector is None or (not collector.pending and '"finish_reason":"' not in text))
+            if text.startswith("data: {") and not idle:
                 event = json.loads(text[len("data: ") :])
                 if not echoed:
                     event["steering"], echoed = echo, True

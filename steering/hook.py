@@ -215,9 +215,8 @@ class SAESteering(nn.Module):
                 idx, slots = torch.tensor(tokens[g : g + per_group]), torch.tensor(rows[g : g + per_group])
                 delta = self._gathered(hidden[idx] + residual[idx], slots, self.weight_of_token[idx, None], k)
                 hidden.index_add_(0, idx, delta.to(hidden.dtype))
-        for span, pre in zip(watched, before):
-            if (found := self._observe(hidden, residual, span, pre)) is not None:
-                self.read.append(found)
+        if watched:
+            self._observe(hidden, residual, watched, before)
 
     @torch.no_grad()
     def _activations(self, stream: torch.Tensor, features: list[int]) -> torch.Tensor:
@@ -245,34 +244,49 @@ class SAESteering(nn.Module):
         return self._activations(hidden[first : span.end] + residual[first : span.end], steered)
 
     @torch.no_grad()
-    def _observe(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> ReadoutBatch | None:
-        """What the span's tokens show on the stream as the next layer sees it (after steering):
-        its readout at this SAE, and the monitors at this SAE that fire (a stop one marks the
-        request to stop)."""
-        tokens = self._readout(hidden, residual, span, pre)
-        fired = self._watch(hidden, residual, span)
-        if not tokens and not fired:
-            return None
-        return ReadoutBatch.model_construct(
-            id=span.request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=tokens, fired=fired, end=False
-        )
+    def _observe(self, hidden: torch.Tensor, residual: torch.Tensor, spans: list[ReadoutSpan], before: list[torch.Tensor]) -> None:
+        """What the spans' tokens show on the stream as the next layer sees it (after steering):
+        each request's readout at this SAE, and its monitors at this SAE that fire (a stop one
+        marks the request to stop), added to `read`."""
+        tokens = self._readout(hidden, residual, spans, before)
+        for span, read in zip(spans, tokens):
+            fired = self._watch(hidden, residual, span)
+            if read or fired:
+                self.read.append(ReadoutBatch.model_construct(
+                    id=span.request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=read, fired=fired, end=False
+                ))  # fmt: skip
 
-    def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan, pre: torch.Tensor) -> list:
-        """Each read token's top_k features and the listed ones, encoded at full width a chunk of
-        tokens at a time."""
-        first, readout, tokens = self._first_read(span), span.request.readout, []
-        if first >= span.end or readout is None:
-            return tokens
+    def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, spans: list[ReadoutSpan], before: list[torch.Tensor]) -> list[list]:
+        """Each span's read tokens: (position, token id, top_k (index, activation) pairs, the
+        listed features' activations, the steered ones' before steering). The step's read tokens
+        are encoded together at full width, a chunk of them at a time: one matmul, not one per
+        request (so a value's rounding may follow how many tokens the step reads)."""
+        firsts = [self._first_read(span) for span in spans]
+        rows = [torch.arange(first, span.end) for first, span in zip(firsts, spans)]
+        index = torch.cat(rows)
+        if not len(index):
+            return [[] for _ in spans]
         per_chunk = max(1, CHUNK_BYTES // (4 * self.cfg.d_sae))
-        listed = torch.tensor(readout.features, dtype=torch.long)
-        for a in range(first, span.end, per_chunk):
-            b = min(a + per_chunk, span.end)
-            f = self.sae.encode(hidden[a:b] + residual[a:b])
-            top = torch.topk(f, readout.top_k, dim=-1)
-            for t, (indices, values, chosen) in enumerate(zip(top.indices.tolist(), top.values.tolist(), f[:, listed].tolist())):
-                n = a + t - span.start
-                tokens.append((span.position + n, span.token_ids[n], list(zip(indices, values)), chosen, pre[a + t - first].tolist()))
-        return tokens
+        top_k = max(span.request.readout.top_k for span, r in zip(spans, rows) if len(r))  # type: ignore[union-attr]
+        f = torch.cat([self.sae.encode(hidden[index[a : a + per_chunk]] + residual[index[a : a + per_chunk]])
+                       for a in range(0, len(index), per_chunk)])  # fmt: skip
+        top = torch.topk(f, top_k, dim=-1)
+        indices, values = top.indices.tolist(), top.values.tolist()
+        out, at = [], 0
+        for span, first, r, pre in zip(spans, firsts, rows, before):
+            n, readout = len(r), span.request.readout
+            if not n:
+                out.append([])
+                continue
+            k, listed = readout.top_k, f[at : at + n, readout.features].tolist()  # type: ignore[union-attr]
+            offset, pre_values = first - span.start, pre.tolist()
+            out.append([
+                (span.position + offset + t, span.token_ids[offset + t], list(zip(indices[at + t][:k], values[at + t][:k])),
+                 listed[t], pre_values[t])
+                for t in range(n)
+            ])  # fmt: skip
+            at += n
+        return out
 
     def _watch(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan) -> list[tuple[int, int, int, float]]:
         """The monitors at this SAE that fire in the span, each at its first token in scope."""

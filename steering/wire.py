@@ -110,6 +110,15 @@ class ReadoutBatch(BaseModel):
     fired: list[tuple[int, int, int, float]] = []  # (monitor's place in the request's list, position, token id, activation)
     end: bool = False
 
+    # Several per step per reading request cross the wire: plain JSON both ways, unvalidated (the
+    # worker writes them), rather than pydantic's slower serialisation and validation.
+    def pack(self) -> bytes:
+        return json.dumps({name: getattr(self, name) for name in type(self).model_fields}).encode()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ReadoutBatch:
+        return cls.model_construct(**json.loads(data))
+
 
 class SAEEntry(BaseModel):
     id: str

@@ -223,7 +223,7 @@ class ReadoutSender:
             socket.setsockopt(zmq.SNDHWM, 0)
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(address)
-        socket.send(batch.model_dump_json().encode(), zmq.NOBLOCK)
+        socket.send(batch.pack(), zmq.NOBLOCK)
 
 
 def _write(target: torch.Tensor, values: np.ndarray) -> None:

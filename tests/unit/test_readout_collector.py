@@ -7,7 +7,7 @@ import asyncio
 
 from server import readout as readout_module
 from server.readout import Collector
-from steering.spec import ResolvedReadout
+from steering.spec import ResolvedMonitor, ResolvedReadout
 from steering.wire import ReadoutBatch
 
 READ = ResolvedReadout(sae="s", layer=3, top_k=1, features=(7,), prompt=True, steered=(2,))
@@ -49,3 +49,19 @@ def test_complete_only_once_every_choice_has_ended(monkeypatch):
         return early, await collector.until_ended(0), await collector.until_ended()
 
     assert asyncio.run(run()) == (False, True, True)
+
+
+def test_a_batch_crosses_the_wire_unchanged():
+    batch = _batch("1_p", range(2, 4), end=True)
+    batch.fired = [(0, 3, 103, 2.5)]
+    back = ReadoutBatch.unpack(batch.pack())
+    assert (back.id, back.req, back.prompt_tokens, back.end) == ("r", "1_p", 3, True)
+    assert back.tokens == [[2, 102, [[5, 1.0]], [2.0], [3.0]], [3, 103, [[5, 1.0]], [2.0], [3.0]]]
+    assert back.fired == [[0, 3, 103, 2.5]]
+    monitor = ResolvedMonitor("s", 9, 1.0, "stop", "all", "request")
+    collector = Collector(READ, (monitor,), choices=2, token_text=str)
+    collector.add(back)  # as the API process reads it: lists where the worker wrote tuples
+    assert [e["position"] for e in collector.take(1)] == [2, 3]
+    choice = {"index": 1, "finish_reason": "stop"}
+    collector.decorate(choice, [], final=True)
+    assert choice["finish_reason"] == "content_filter" and choice["monitors"][0]["position"] == 3

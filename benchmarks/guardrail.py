@@ -179,8 +179,9 @@ def plot(result: dict, path: Path) -> None:
     pilot = [chosen["pilot_stop_rate"], chosen["pilot_false_stop_rate"]]
     held = [result["stop_rate"], result["false_stop_rate"]]
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], pilot, 0.4, label="pilot (chosen on)")
-    ax.bar([x + 0.2 for x in xs], held, 0.4, label="held out")
+    for offset, values, label in ((-0.2, pilot, "pilot (chosen on)"), (0.2, held, "held out")):
+        bars = ax.bar([x + offset for x in xs], values, 0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values])
     ax.set_xticks(list(xs), labels)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of prompts")

@@ -71,7 +71,9 @@ class Preset(BaseModel):
         return SteeringSpec(features=own + extra.features, scale=extra.scale, prompt_scale=prompt_scale)
 
     def file_form(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        """The preset as a file gives it: unset sampling and an empty features or monitors list left out."""
+        form = self.model_dump(exclude_none=True)
+        return {name: value for name, value in form.items() if value != [] or name not in ("features", "monitors")}
 
 
 class PresetsError(ValueError):

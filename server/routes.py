@@ -46,10 +46,26 @@ class _TypedBeforeChecks(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _typed_before_checks(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        own = ("steering", "readout", "monitors")  # validated field by field, and never sent to the engine as they are
+        if isinstance(data, dict) and (where := _outside_msgpack({k: v for k, v in data.items() if k not in own})) is not None:
+            # The engine's wire (msgpack) holds integers in [-2**63, 2**64 - 1]; vLLM checks that
+            # for vllm_xargs only, and an integer past it in structured_outputs was a bare 500.
+            raise ValueError(f"{where}: integers must be between -2**63 and 2**64 - 1")
         try:
             return handler(data)
         except (AttributeError, TypeError) as exc:
             raise ValueError(_mistyped(cls, data) or f"malformed request ({exc})") from exc
+
+
+def _outside_msgpack(data: Any, path: str = "") -> str | None:
+    """The path of the first integer in `data` that msgpack cannot hold, or None."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        return path or "body" if not -(2**63) <= data < 2**64 else None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if (found := _outside_msgpack(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))) is not None:
+            return found
+    return None
 
 
 def _mistyped(cls: type[BaseModel], data: Any) -> str | None:

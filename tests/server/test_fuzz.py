@@ -233,6 +233,18 @@ def test_a_mistyped_field_that_vllms_own_checks_trip_on_is_a_400(server, model_n
     _assert_serving(server, model_name)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_integer_the_engine_wire_cannot_hold_is_a_400(server, model_name, path):
+    # A JSON schema holding -2**63 - 1 went into the engine's msgpack wire and came back a bare
+    # 500 with an empty message, found by the schema fuzz once readout widened its cases.
+    body = _chat(model_name) if path == "/v1/chat/completions" else {"model": model_name, "prompt": "Hi", "max_tokens": 2}
+    for value in (-(2**63) - 1, 2**64):
+        response = _post(server, {**body, "structured_outputs": {"json": {"a": value}}}, path=path)
+        assert response.status_code == 400, response.text
+        assert "structured_outputs.json.a: integers must be between" in _error_format(response)["message"]
+    _assert_serving(server, model_name)
+
+
 def test_oversized_bodies_are_refused_before_parsing(server, model_name):
     big = json.dumps({**_chat(model_name), "padding": "x" * (5 << 20)}).encode()
     declared = _post(server, raw=big)

@@ -113,6 +113,10 @@ def test_guardrails_from_a_preset_and_a_key_cannot_be_removed(server, presets_fi
         assert [t for t in stopped if t != tokenizer.eos_token_id] == tokens[: position - len(ids) + 1]
     finally:
         presets_file.write_text(PRESETS)
+        deadline = time.monotonic() + 30  # later tests expect the session's presets back
+        while "test-guard" in _names(server) and time.monotonic() < deadline:
+            time.sleep(0.25)
+    assert "test-guard" not in _names(server)
     watched = OpenAI(base_url=f"{server.url}/v1", api_key="sk-test-watched", max_retries=0, timeout=300)
     flagged, out = _run(watched, model_name, ids, monitors=[])
     assert flagged == tokens and [m["action"] for m in out["monitors"]] == ["flag"], "the key's monitor is attached"

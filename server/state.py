@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,20 +99,21 @@ class SteeringState:
         self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
         self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)
         self.readouts = ReadoutHub()
-        self._tokenizer = None
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The served model's tokenizer, loaded on first use (readouts and stop monitors need it)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
 
     def token_text(self, token_id: int) -> str:
         """A token as text, as a readout shows it."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        return self._tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id])
 
     def stop_token(self) -> int:
         """The token a stop monitor forces: the model's end of sequence."""
-        self.token_text(0)  # loads the tokenizer
-        return self._tokenizer.eos_token_id
+        return self.tokenizer.eos_token_id
 
     def reader(self, layer: int) -> ResidualReader:
         """The served model, cut after `layer`, in this process (loaded on first use): feature

@@ -38,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from features.sae import ARCHITECTURES, SAE, SAEConfig
-from steering.hook import SAESteering
+from steering.hook import SAESteering, TokenIndex
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,7 +93,7 @@ def build_hook(sae: SAE, features: int, max_tokens: int) -> SAESteering:
     """A hook whose rows 1..max(SPECS) each hold `features` distinct random features, half of the
     requests adding, half clamping."""
     rows = max(SPECS) + 1
-    hook = SAESteering(sae, torch.zeros(max_tokens, dtype=torch.long), rows, features, torch.float32)
+    hook = SAESteering(sae, TokenIndex.zeros(max_tokens), rows, features, torch.float32)
     rng = np.random.default_rng(features)
     for row in range(1, rows):
         idx = rng.choice(sae.cfg.d_sae, features, replace=False)

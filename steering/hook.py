@@ -19,6 +19,15 @@ else 1). Two paths read them, chosen by device, equal to float32 rounding:
   unsteered tokens; else the torch reference, which gathers two [T, K, d_in] transients per SAE
   every step. A TopK SAE encodes every token at full width. It is also the CPU op's reference.
 
+Any feature may be gated (steering/spec.py): its term is multiplied per token by 1 or 0, from its
+row's gate tables and two more per-token tensors (`TokenIndex`): each token's generated index
+(position - prompt length) and its gate columns, which the step's conditions write. A condition is
+a slot of its SAE's row like a steered feature (c0 = c1 = 0), so its activation comes with the
+others; its hook writes whether it holds into the token's gate column before any of its features
+read one, and hooks run in layer order. A sticky condition keeps, per row, the generated index of
+its first firing (`fired`, a minimum: recomputing a preempted request's tokens finds the same one).
+Ungated rows skip all of this on CPU; the gathered path computes it for every token, [T, K] each.
+
 The d_in-wide tables are in the model's dtype; every product accumulates in float32, so a
 float32 model's paths are exact to float32 rounding. In half precision a table entry carries a
 relative error near 2^-9 (float16) or 2^-8 (bfloat16); a pre-activation that close to a JumpReLU
@@ -28,6 +37,7 @@ The feature math itself (input pipeline, pre-activation, f) is the SAE class's.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,7 +47,8 @@ from torch import nn
 
 from features.sae import SAE
 from steering import kernels
-from steering.wire import ReadoutBatch, ReadoutRequest
+from steering.spec import MAX_CONDITIONS
+from steering.wire import OPEN, Gate, ReadoutBatch, ReadoutRequest
 
 # Largest element a token's steering delta may have. Far above what steering can use (the default
 # model's residual stream peaks near 2e4; a delta well past that has swamped it already) and far
@@ -49,6 +60,35 @@ CHUNK_BYTES = 8 << 20
 # A steered request's span whose rows, gathered per token, hold at most this many elements
 # (tokens x features x d_in) is gathered with others like it rather than given a pass of its own.
 SMALL_SPAN = 1 << 16
+
+
+# Gate columns per token: 0 is always 1 (ungated), 1..MAX_CONDITIONS the conditions of the token's
+# request, and the last takes the writes of slots that are not conditions, and is never read.
+GATE_COLUMNS = MAX_CONDITIONS + 2
+DISCARD = GATE_COLUMNS - 1
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """The step's per-token routing, shared by every SAE's hook and rewritten in place by the
+    worker before each forward (so a CUDA graph replays over it): vLLM LoRA's per-token index."""
+
+    slot: torch.Tensor  # [T] long: the table row each token reads (0: unsteered)
+    weight: torch.Tensor  # [T] float32: its delta's multiplier (its request's prompt_scale on prompt tokens, else 1)
+    generated: torch.Tensor  # [T] long: its position minus its prompt's length (negative on the prompt)
+    gate: torch.Tensor  # [T, GATE_COLUMNS] float32: which of its request's conditions hold there (hooks write it)
+
+    @classmethod
+    def zeros(cls, tokens: int, device: torch.device | str = "cpu", weight: torch.Tensor | None = None) -> TokenIndex:
+        """An index routing every token to row 0, weight 1 unless given, generated index 0."""
+        gate = torch.zeros(tokens, GATE_COLUMNS, device=device)
+        gate[:, 0] = 1.0
+        return cls(
+            slot=torch.zeros(tokens, dtype=torch.long, device=device),
+            weight=torch.ones(tokens, device=device) if weight is None else weight,
+            generated=torch.zeros(tokens, dtype=torch.long, device=device),
+            gate=gate,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,23 +123,13 @@ class SAESteering(nn.Module):
     """Adds sum_k (c0 + c1 * f_k(x)) * d_k to each token's residual x, per its request's row."""
 
     def __init__(
-        self,
-        sae: SAE,
-        slot_of_token: torch.Tensor,
-        rows: int,
-        width: int,
-        dtype: torch.dtype,
-        weight_of_token: torch.Tensor | None = None,
-        routing: StepRouting | None = None,
+        self, sae: SAE, index: TokenIndex, rows: int, width: int, dtype: torch.dtype, routing: StepRouting | None = None
     ):
         super().__init__()
         self.cfg = sae.cfg
-        d_in, device = sae.cfg.d_in, slot_of_token.device
-        self.slot_of_token = slot_of_token  # shared by every SAE; updated in place per step
-        # likewise; without it, every token is steered at full weight
-        self.weight_of_token = (
-            torch.ones(len(slot_of_token), device=device) if weight_of_token is None else weight_of_token
-        )
+        d_in, device = sae.cfg.d_in, index.slot.device
+        self.index = index  # shared by every SAE; updated in place per step
+        self.slot_of_token, self.weight_of_token = index.slot, index.weight
 
         def table(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros(rows, width, *shape, dtype=dtype, device=device)
@@ -119,7 +149,14 @@ class SAESteering(nn.Module):
             # f_i depends on every pre-activation (TopK), so the full encoder is needed.
             self.register_buffer("W_enc", sae.W_enc.to(device, dtype), persistent=False)
             self.register_buffer("b_enc", sae.b_enc.to(device), persistent=False)
-        self.table_names = ("enc", "enc_bias", "dec", "c0", "c1", "feature", *sae.per_feature)
+        # The gates (see the module's docstring), each reset to its value for an ungated slot.
+        self.gate_defaults = {"when": 0, "writes": DISCARD, "above": math.inf, "sticky": False, "fired": math.inf,
+                              "on_prompt": 1.0, "after_n": 0.0, "first_n": math.inf}  # fmt: skip
+        for name, value in self.gate_defaults.items():
+            kind = torch.long if name in ("when", "writes") else torch.bool if name == "sticky" else torch.float32
+            self.register_buffer(name, torch.full((rows, width), value, dtype=kind, device=device), persistent=False)
+        self.table_names = ("enc", "enc_bias", "dec", "c0", "c1", "feature", *sae.per_feature, *self.gate_defaults)
+        self.gated = [False] * rows  # host-side, for the CPU op: whether a row has a gate here
         self.sae = sae
         self.model_dtype = dtype
         self.kernels = kernels.for_model(device, dtype)
@@ -134,34 +171,64 @@ class SAESteering(nn.Module):
         self.name = _register(self)
 
     @torch.no_grad()
-    def set_row(self, row: int, features: list[tuple[int, float, float]]) -> None:
-        """Write one request's features (index, c0, c1) into table row `row`."""
+    def set_row(
+        self, row: int, features: list[tuple[int, float, float] | tuple[int, float, float, Gate]],
+        conditions: list[tuple[int, int, float, bool]] = (),  # type: ignore[assignment]
+    ) -> None:  # fmt: skip
+        """Write one request's features (index, c0, c1[, gate]) into table row `row`, then its
+        conditions at this SAE (gate column, index, above, sticky) as features that steer nothing."""
         width = self.c0.shape[1]
-        assert len(features) <= width, "the server caps features per SAE at the table width"
+        slots = [(f[0], f[1], f[2], f[3] if len(f) > 3 else OPEN) for f in features]  # type: ignore[misc]
+        slots += [(index, 0.0, 0.0, OPEN) for _, index, _, _ in conditions]
+        assert len(slots) <= width, "the server caps features and conditions per SAE at the table width"
         for name in self.table_names:
-            getattr(self, name)[row].zero_()
-        self.features_in_row[row] = len(features)
-        if not features:
+            getattr(self, name)[row].fill_(self.gate_defaults.get(name, 0))
+        self.features_in_row[row] = len(slots)
+        self.gated[row] = bool(conditions) or any(gate != OPEN for *_, gate in slots)
+        if not slots:
             return
-        idx = torch.tensor([i for i, _, _ in features], dtype=torch.long)
-        n, sae, device = len(features), self.sae, self.enc.device
+        idx = torch.tensor([i for i, _, _, _ in slots], dtype=torch.long)
+        n, sae, device = len(slots), self.sae, self.enc.device
         self.feature[row, :n] = idx.to(device)
         self.enc[row, :n] = sae.W_enc[:, idx].T.to(device)
         self.enc_bias[row, :n] = sae.b_enc[idx].to(device)
         for name, values in sae.params.items():
             getattr(self, name)[row, :n] = values[idx].to(device)
         self.dec[row, :n] = sae.W_dec[idx].to(device)
-        self.c0[row, :n] = torch.tensor([c0 for _, c0, _ in features], device=device)
-        self.c1[row, :n] = torch.tensor([c1 for _, _, c1 in features], device=device)
+        self.c0[row, :n] = torch.tensor([c0 for _, c0, _, _ in slots], device=device)
+        self.c1[row, :n] = torch.tensor([c1 for _, _, c1, _ in slots], device=device)
+        gates = [gate for *_, gate in slots]
+        self.when[row, :n] = torch.tensor([g.when for g in gates], device=device)
+        self.on_prompt[row, :n] = torch.tensor([float(g.prompt) for g in gates], device=device)
+        self.after_n[row, :n] = torch.tensor([float(g.after_n) for g in gates], device=device)
+        self.first_n[row, :n] = torch.tensor([math.inf if g.first_n is None else float(g.first_n) for g in gates], device=device)
+        for slot, (column, _, above, sticky) in enumerate(conditions, start=len(features)):
+            self.writes[row, slot], self.above[row, slot], self.sticky[row, slot] = column, above, sticky
+
+    def _gates(self, f: torch.Tensor, slots: torch.Tensor, tokens: slice | torch.Tensor, k: int) -> torch.Tensor:
+        """Each token's gate [T, K] (1 or 0) on its row's first k slots, given their activations
+        f [T, K] at tokens `tokens` (of the step) reading rows `slots` [T]. First writes the step's
+        conditions held at this SAE into the tokens' gate columns, and notes sticky first firings."""
+        g = self.index.generated[tokens].to(torch.float32)[:, None]
+        holds = f > self.above[slots, :k]
+        # The earliest firing so far of each row's sticky conditions; a token's is open from there.
+        self.fired[:, :k].scatter_reduce_(0, slots[:, None].expand(-1, k), torch.where(holds, g, math.inf), "amin")
+        held = torch.where(self.sticky[slots, :k], self.fired[slots, :k] <= g, holds)
+        columns = self.index.gate[tokens]
+        columns.scatter_(1, self.writes[slots, :k], held.to(columns.dtype))
+        self.index.gate[tokens] = columns
+        window = torch.where(g < 0, self.on_prompt[slots, :k] > 0, (g >= self.after_n[slots, :k]) & (g < self.first_n[slots, :k]))
+        return columns.gather(1, self.when[slots, :k]) * window
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The steering delta [T, d_in] for residual vectors x [T, d_in]: the gathered path."""
         n_tokens, width = x.shape[0], self.c0.shape[1]
-        return self._gathered(x, self.slot_of_token[:n_tokens], self.weight_of_token[:n_tokens, None], width)
+        return self._gathered(x, slice(0, n_tokens), width, gated=True)
 
-    def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-        """The delta [T, d_in] of residual vectors x [T, d_in] whose tokens read table rows
-        slots [T], weighted by weights [T, 1], through each row's first k features."""
+    def _gathered(self, x: torch.Tensor, tokens: slice | torch.Tensor, k: int, gated: bool) -> torch.Tensor:
+        """The delta [T, d_in] of residual vectors x [T, d_in] at the step's tokens `tokens`, each
+        through its row's first k features, weighted, and gated unless no row here is."""
+        slots, weights = self.slot_of_token[tokens], self.weight_of_token[tokens, None]
         xin, scale = self.sae.sae_in(x, self.b_dec)
         row = {name: getattr(self, name)[slots, :k] for name in ("enc_bias", "c0", "c1", "feature", *self.sae.per_feature)}
 
@@ -170,6 +237,8 @@ class SAESteering(nn.Module):
 
         f = self.sae.selected_activations(xin, project, row, row["feature"], self._dense())
         coef = (row["c0"] + row["c1"] * f) * weights
+        if gated:
+            coef = coef * self._gates(f, slots, tokens, k)
         # The reconstruction lives in the SAE's normalised space; map the delta back.
         return _bounded(self.kernels.expand(coef, self.dec[:, :k], slots) / scale, self.max_delta)
 
@@ -209,11 +278,11 @@ class SAESteering(nn.Module):
                 self._steer_row(hidden, residual, row, k, start, end)
         for k, spans in small.items():
             tokens = [t for _, start, end in spans for t in range(start, end)]
-            rows = [row for row, start, end in spans for _ in range(start, end)]
             per_group = max(1, CHUNK_BYTES // (4 * k * self.cfg.d_in))
+            gated = any(self.gated[row] for row, _, _ in spans)
             for g in range(0, len(tokens), per_group):
-                idx, slots = torch.tensor(tokens[g : g + per_group]), torch.tensor(rows[g : g + per_group])
-                delta = self._gathered(hidden[idx] + residual[idx], slots, self.weight_of_token[idx, None], k)
+                idx = torch.tensor(tokens[g : g + per_group])
+                delta = self._gathered(hidden[idx] + residual[idx], idx, k, gated)
                 hidden.index_add_(0, idx, delta.to(hidden.dtype))
         if watched:
             self._observe(hidden, residual, watched, before)
@@ -319,6 +388,8 @@ class SAESteering(nn.Module):
             xin, scale = self.sae.sae_in(hidden[a:b] + residual[a:b], self.b_dec)
             f = self.sae.selected_activations(xin, project, tables, tables["feature"], self._dense())
             coef = (tables["c0"] + tables["c1"] * f) * self.weight_of_token[a:b, None]
+            if self.gated[row]:
+                coef = coef * self._gates(f, self.slot_of_token[a:b], slice(a, b), k)
             hidden[a:b] += _bounded(coef @ dec / scale, self.max_delta).to(hidden.dtype)
 
     def _dense(self) -> dict[str, torch.Tensor]:
@@ -341,7 +412,9 @@ def table_bytes(sae: SAE, rows: int, width: int, dtype: torch.dtype) -> int:
     in float32, and the feature index; b_dec; and for a dense architecture its whole encoder
     (W_enc in `dtype`, b_enc in float32)."""
     d_in, d_sae, size = sae.cfg.d_in, sae.cfg.d_sae, dtype.itemsize
-    per_feature = 2 * size * d_in + 4 * (3 + len(sae.per_feature)) + 8
+    # float32: enc_bias, c0, c1, the architecture's own, above, fired, on_prompt, after_n, first_n;
+    # long: feature, when, writes; bool: sticky
+    per_feature = 2 * size * d_in + 4 * (8 + len(sae.per_feature)) + 3 * 8 + 1
     return rows * width * per_feature + 4 * d_in + ((size * d_in + 4) * d_sae if sae.dense else 0)
 
 

@@ -15,6 +15,15 @@ so the worker needs only (sae, index, c0, c1) per feature; units and the request
 included) and leaves the tokens the model writes as they are: 0 steers only what the model
 writes; above 1, the prompt is read more strongly steered than the answer is written.
 
+Each intervention may also be gated, per token, by a window and a condition (1 where both hold,
+else 0, multiplying its term). A token counts as it is fed in: generated token g (0-based) sits at
+position prompt length + g, and the prompt's last token, which yields token 0, is the prompt's.
+- Window: `tokens` ("all", "prompt" or "completion"), and over generated tokens `after_n`
+  <= g < `first_n`. `tokens: "completion"` steers exactly as `prompt_scale: 0` does.
+- Condition (`when`): a feature of an SAE at the intervention's layer (the same SAE) or an earlier
+  one, above a threshold, on the stream before that SAE's steering. Scope "token" gates each token
+  by its own value; "sticky" opens at the request's first token where it held and stays open.
+
 `resolve` is the one validation path: a request, a presets file (at start-up, on reload and in
 `steerserve presets check`) and the access policy all read what it yields, so a spec that one
 of them accepts every other accepts too.
@@ -34,7 +43,24 @@ from features.sae import SAE
 Mode = Literal["add", "clamp", "ablate", "scale"]
 Unit = Literal["raw", "max_act", "norm"]
 Scope = Literal["prompt", "completion", "all"]
+Tokens = Literal["all", "prompt", "completion"]
+# Distinct conditions one request may carry: each is a column of the worker's per-token gate table.
+MAX_CONDITIONS = 8
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+
+
+class Condition(BaseModel):
+    """An intervention's `when`: it applies only where this feature fires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str = Field(description="id of a server-loaded SAE at the intervention's layer (its own SAE) or an earlier one")
+    index: Annotated[int, Field(ge=0, strict=True)]
+    above: FiniteFloat = Field(description="holds where the feature's activation exceeds this")
+    unit: Literal["raw", "max_act"] = "raw"
+    scope: Literal["token", "sticky"] = Field(
+        default="token", description="token: on the tokens where it holds; sticky: from the first such token to the end"
+    )
 
 
 class FeatureIntervention(BaseModel):
@@ -47,6 +73,10 @@ class FeatureIntervention(BaseModel):
     mode: Mode = "add"
     strength: FiniteFloat = 0.0
     unit: Unit = "raw"
+    when: Condition | None = Field(default=None, description="steer only where this condition holds")
+    tokens: Tokens = Field(default="all", description="which tokens to steer: the prompt's, the generated ones, or all")
+    first_n: Annotated[int, Field(ge=1, strict=True)] | None = Field(default=None, description="steer only the first n generated tokens")
+    after_n: Annotated[int, Field(ge=0, strict=True)] = Field(default=0, description="steer generated tokens only after the first n")
 
 
 class SteeringSpec(BaseModel):
@@ -108,6 +138,14 @@ class SteeringError(ValueError):
 
 
 @dataclass(frozen=True)
+class ResolvedCondition:
+    sae: str
+    index: int
+    above: float  # raw units
+    sticky: bool
+
+
+@dataclass(frozen=True)
 class ResolvedFeature:
     sae: str
     index: int
@@ -118,6 +156,24 @@ class ResolvedFeature:
     strength: float  # in the SAE's raw activation units (norm: along the raw decoder row)
     c0: float
     c1: float
+    when: ResolvedCondition | None = None
+    tokens: Tokens = "all"
+    after_n: int = 0
+    first_n: int | None = None
+
+    def gating(self) -> dict:
+        """Its condition and window where they narrow it, as a response echoes them (raw units)."""
+        out: dict = {}
+        if self.when is not None:
+            w = self.when
+            out["when"] = {"sae": w.sae, "index": w.index, "above": w.above, "unit": "raw", "scope": "sticky" if w.sticky else "token"}
+        if self.tokens != "all":
+            out["tokens"] = self.tokens
+        if self.after_n:
+            out["after_n"] = self.after_n
+        if self.first_n is not None:
+            out["first_n"] = self.first_n
+        return out
 
 
 @dataclass(frozen=True)
@@ -125,11 +181,15 @@ class ResolvedSteering:
     features: tuple[ResolvedFeature, ...]
     prompt_scale: float = 1.0
 
+    def conditions(self) -> list[ResolvedCondition]:
+        """Its distinct conditions, in first-use order: condition i is the worker's gate column i + 1."""
+        return list(dict.fromkeys(f.when for f in self.features if f.when is not None))
+
     def echo(self) -> dict:
         """What the response reports back: the interventions as applied, in raw units."""
         return {
             "features": [
-                {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw"}
+                {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw", **f.gating()}
                 for f in self.features
             ],
             "prompt_scale": self.prompt_scale,
@@ -191,11 +251,7 @@ def resolve_monitors(
             raise SteeringError(f"{where}[{n}].sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {sorted(saes)}")
         if spec.index >= sae.cfg.d_sae:
             raise SteeringError(f"{where}[{n}].index", f"index {spec.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
-        above = spec.above
-        if spec.unit == "max_act":
-            if sae.max_act is None:
-                raise SteeringError(f"{where}[{n}].unit", f"SAE {sae.id!r} has no feature statistics; use unit 'raw'")
-            above *= float(sae.max_act[spec.index])
+        above = _threshold(spec.above, spec.unit, sae, spec.index, f"{where}[{n}]")
         resolved.append(ResolvedMonitor(sae.id, spec.index, above, spec.action, spec.scope, source))
     return tuple(resolved)
 
@@ -209,7 +265,6 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
         raise SteeringError(
             "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
         )
-    per_sae: dict[str, int] = {}
     seen: dict[tuple[str, int], int] = {}
     resolved = []
     for n, feature in enumerate(spec.features):
@@ -229,19 +284,32 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
                 where, f"feature {feature.sae}:{feature.index} is already steered by features[{seen[key]}]; give it once"
             )
         seen[key] = n
-        per_sae[sae.id] = per_sae.get(sae.id, 0) + 1
-        if per_sae[sae.id] > limits.max_features_per_sae:
+        resolved.append(_resolve_one(feature, n, sae, saes, spec, limits))
+    steering = ResolvedSteering(tuple(resolved), spec.prompt_scale)
+    conditions = steering.conditions()
+    if len(conditions) > MAX_CONDITIONS:
+        raise SteeringError("steering.features", f"at most {MAX_CONDITIONS} distinct `when` conditions per request, got {len(conditions)}")
+    # Each intervention, and each condition, takes one of its SAE's per-request table slots.
+    for sae_id in {f.sae for f in resolved} | {c.sae for c in conditions}:
+        used = sum(f.sae == sae_id for f in resolved) + sum(c.sae == sae_id for c in conditions)
+        if used > limits.max_features_per_sae:
             raise SteeringError(
-                "steering.features", f"at most {limits.max_features_per_sae} interventions per SAE per request"
+                "steering.features",
+                f"at most {limits.max_features_per_sae} interventions per SAE per request, "
+                f"each distinct `when` condition counting as one at its SAE ({sae_id!r}: {used})",
             )
-        resolved.append(_resolve_one(feature, n, sae, spec, limits))
-    return ResolvedSteering(tuple(resolved), spec.prompt_scale)
+    return steering
 
 
 def _resolve_one(
-    feature: FeatureIntervention, n: int, sae: SAE, spec: SteeringSpec, limits: SteeringLimits
+    feature: FeatureIntervention, n: int, sae: SAE, saes: Mapping[str, SAE], spec: SteeringSpec, limits: SteeringLimits
 ) -> ResolvedFeature:
     where = f"steering.features[{n}]"
+    if feature.tokens == "prompt" and (feature.first_n is not None or feature.after_n):
+        raise SteeringError(f"{where}.tokens", "first_n and after_n count generated tokens; with tokens 'prompt' none is steered")
+    if feature.first_n is not None and feature.after_n >= feature.first_n:
+        raise SteeringError(f"{where}.after_n", f"after_n ({feature.after_n}) must be below first_n ({feature.first_n}), or no token is steered")
+    when = _resolve_condition(feature.when, f"{where}.when", sae, saes) if feature.when is not None else None
     requested = feature.strength * spec.scale
     if abs(requested) > limits.max_strength:
         raise SteeringError(
@@ -282,5 +350,31 @@ def _resolve_one(
     }[feature.mode]
     return ResolvedFeature(
         sae=sae.id, index=feature.index, mode=feature.mode, unit=feature.unit, requested=requested, peak=peak,
-        strength=s, c0=c0, c1=c1,
+        strength=s, c0=c0, c1=c1, when=when, tokens=feature.tokens, after_n=feature.after_n, first_n=feature.first_n,
     )  # fmt: skip
+
+
+def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:
+    sae = saes.get(condition.sae)
+    if sae is None:
+        raise SteeringError(f"{where}.sae", f"unknown SAE {condition.sae!r}; loaded SAEs: {sorted(saes)}")
+    # A condition is read before the intervention's SAE steers: at an earlier layer, or by its own hook.
+    if sae.cfg.layer > steered.cfg.layer or (sae.cfg.layer == steered.cfg.layer and sae.id != steered.id):
+        raise SteeringError(
+            f"{where}.sae",
+            f"a condition must be read at the intervention's layer ({steered.cfg.layer}) by its own SAE {steered.id!r}, "
+            f"or at an earlier layer; SAE {sae.id!r} is at layer {sae.cfg.layer}",
+        )
+    if condition.index >= sae.cfg.d_sae:
+        raise SteeringError(f"{where}.index", f"index {condition.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
+    above = _threshold(condition.above, condition.unit, sae, condition.index, where)
+    return ResolvedCondition(sae.id, condition.index, above, condition.scope == "sticky")
+
+
+def _threshold(above: float, unit: str, sae: SAE, index: int, where: str) -> float:
+    """A monitor's or condition's threshold in raw units."""
+    if unit == "raw":
+        return above
+    if sae.max_act is None:
+        raise SteeringError(f"{where}.unit", f"SAE {sae.id!r} has no feature statistics; use unit 'raw'")
+    return above * float(sae.max_act[index])

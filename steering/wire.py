@@ -20,12 +20,21 @@ import importlib.util
 import inspect
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
 from core.local import file_sha256
 from features.sae import ARCHITECTURES, CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE
-from steering.spec import ResolvedMonitor, ResolvedReadout, ResolvedSteering, Scope, SteeringLimits
+from steering.spec import (
+    ResolvedCondition,
+    ResolvedFeature,
+    ResolvedMonitor,
+    ResolvedReadout,
+    ResolvedSteering,
+    Scope,
+    SteeringLimits,
+)
 
 CONFIG_KEY = "steerserve"  # key in vllm_config.additional_config and in SamplingParams.extra_args
 READOUT_KEY = "steerserve_readout"  # key in SamplingParams.extra_args
@@ -34,20 +43,57 @@ READOUT_KEY = "steerserve_readout"  # key in SamplingParams.extra_args
 # The SAE architectures' activations are traced too; their files are added where they are defined.
 TRACED_MODULES = ("steering.hook", "steering.kernels", "steering.triton_kernels", "steering.worker")
 
-WireFeature = tuple[str, int, float, float]  # (sae, index, c0, c1)
+class Gate(NamedTuple):
+    """Where a feature's term applies, per token (1 where all of these hold, else 0)."""
+
+    when: int = 0  # the gate column of its condition (0: none; condition i of the request is column i + 1)
+    prompt: bool = True  # on the prompt's tokens
+    after_n: int = 0  # on generated tokens g with after_n <= g < first_n
+    first_n: int | None = None
+
+
+OPEN = Gate()
+
+
+class WireFeature(NamedTuple):
+    sae: str
+    index: int
+    c0: float
+    c1: float
+    gate: Gate = OPEN
+
+
+class WireCondition(NamedTuple):
+    sae: str
+    index: int
+    above: float  # raw units; holds where the activation exceeds it
+    sticky: bool
+
+
+def _gate(feature: ResolvedFeature, conditions: list[ResolvedCondition]) -> Gate:
+    when = 0 if feature.when is None else conditions.index(feature.when) + 1
+    completion = feature.tokens != "prompt"
+    return Gate(when, feature.tokens != "completion", feature.after_n, feature.first_n if completion else 0)
 
 
 def encode(resolved: ResolvedSteering) -> str:
-    """A request's steering as the worker reads it: (sae, index, c0, c1) per feature, and the prompt scale."""
-    features = [[f.sae, f.index, f.c0, f.c1] for f in resolved.features]
-    return json.dumps({"features": features, "prompt_scale": resolved.prompt_scale}, separators=(",", ":"))
+    """A request's steering as the worker reads it: (sae, index, c0, c1) per feature and, for one
+    that is gated, its `Gate`; its conditions (sae, index, above, sticky); the prompt scale.
+    Ungated steering leaves the gates out."""
+    conditions = resolved.conditions()
+    features = [[f.sae, f.index, f.c0, f.c1] + ([] if (g := _gate(f, conditions)) == OPEN else [list(g)]) for f in resolved.features]
+    data: dict = {"features": features, "prompt_scale": resolved.prompt_scale}
+    if conditions:
+        data["conditions"] = [[c.sae, c.index, c.above, c.sticky] for c in conditions]
+    return json.dumps(data, separators=(",", ":"))
 
 
-def decode(wire: str) -> tuple[list[WireFeature], float]:
+def decode(wire: str) -> tuple[list[WireFeature], list[WireCondition], float]:
     """The worker's side of `encode`."""
     data = json.loads(wire)
-    features = [(str(s), int(i), float(c0), float(c1)) for s, i, c0, c1 in data["features"]]
-    return features, float(data["prompt_scale"])
+    features = [WireFeature(str(s), int(i), float(c0), float(c1), Gate(*gate[0]) if gate else OPEN) for s, i, c0, c1, *gate in data["features"]]
+    conditions = [WireCondition(str(s), int(i), float(above), bool(sticky)) for s, i, above, sticky in data.get("conditions", [])]
+    return features, conditions, float(data["prompt_scale"])
 
 
 def cache_salt(wire: str) -> str:

@@ -8,9 +8,9 @@ moment the data it needs exists:
   silently missing from a compiled graph);
 - `_prepare_inputs`: once the runner has updated and reordered its persistent batch for
   the step, give each new steered request a table row (from the spec it carries in
-  `SamplingParams.extra_args`) and write the token -> row index, and each token's weight
-  (its request's prompt_scale on prompt tokens), in place, and the host-side spans (each
-  steered request's row and token range) that the CPU op reads;
+  `SamplingParams.extra_args`) and write the per-token index in place (each token's row, its
+  weight: its request's prompt_scale on prompt tokens, and its generated index, which gates read),
+  and the host-side spans (each steered request's row and token range) that the CPU op reads;
 - `_on_request_state_removed`: free the row when the request finishes or is aborted;
 - `execute_model`: after the step's forward, send what the CPU op read for requests that asked
   for a readout to the API process that asked (tensor-parallel rank 0 only), without blocking.
@@ -40,7 +40,7 @@ from torch import nn
 from core import vllm_internals
 from features.sae import load_sae
 from steering import wire
-from steering.hook import ReadoutSpan, SAESteering, StepRouting, table_bytes
+from steering.hook import ReadoutSpan, SAESteering, StepRouting, TokenIndex, table_bytes
 from steering.wire import CONFIG_KEY, READOUT_KEY, EngineSettings, ReadoutBatch, ReadoutRequest
 
 logger = logging.getLogger("steerserve.worker")
@@ -66,8 +66,7 @@ class Steerer:
         self.rows = rows
         self._send = send
         self._readout_of_req: dict[str, ReadoutRequest | None] = {}
-        self.slot_of_token = torch.zeros(max_num_tokens, dtype=torch.long, device=device)
-        self.weight_of_token = torch.ones(max_num_tokens, dtype=torch.float32, device=device)
+        self.index = TokenIndex.zeros(max_num_tokens, device)
         self.routing = StepRouting()
         self._routed = 0  # tokens written by the previous step; the rest of the index is already 0
         self._free = list(range(self.rows - 1, 0, -1))  # row 0 is "no steering"
@@ -79,7 +78,7 @@ class Steerer:
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
         for sae in loaded:
-            hook = SAESteering(sae, self.slot_of_token, self.rows, width, dtype, self.weight_of_token, self.routing)
+            hook = SAESteering(sae, self.index, self.rows, width, dtype, self.routing)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
         layers = decoder_layers(model)
@@ -141,21 +140,17 @@ class Steerer:
             return  # nobody steers now or last step: the index is already all zeros
         n = int(num_scheduled_tokens.sum())
         token_rows = np.repeat(rows, num_scheduled_tokens)
-        # Tokens past n keep stale weights: their row is 0, whose delta is 0 whatever its weight.
+        # Tokens past n keep stale weights and generated indices: their row is 0, whose delta is 0 whatever they are.
         slots = np.zeros(max(n, self._routed), dtype=np.int64)
         slots[:n] = token_rows
-        _write(self.slot_of_token, slots)
-        _write(self.weight_of_token, self._weights(token_rows, num_scheduled_tokens, num_computed, num_prompt))
+        # Each token's position minus its prompt's length: negative on the prompt.
+        first = ends - num_scheduled_tokens  # each request's first token in the batch
+        generated = np.repeat(num_computed - num_prompt - first, num_scheduled_tokens) + np.arange(n)
+        _write(self.index.slot, slots)
+        _write(self.index.generated, generated)
+        # A token's delta multiplier: its row's prompt_scale where it is a prompt token, else 1.
+        _write(self.index.weight, np.where(generated < 0, self._prompt_scale[token_rows], np.float32(1.0)).astype(np.float32))
         self._routed = n if rows.any() else 0
-
-    def _weights(
-        self, token_rows: np.ndarray, num_scheduled_tokens: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray
-    ) -> np.ndarray:
-        """Each token's delta multiplier: its row's prompt_scale where it is a prompt token, else 1."""
-        first = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens  # each request's first token in the batch
-        positions = np.repeat(num_computed - first, num_scheduled_tokens) + np.arange(len(token_rows))
-        in_prompt = positions < np.repeat(num_prompt, num_scheduled_tokens)
-        return np.where(in_prompt, self._prompt_scale[token_rows], np.float32(1.0)).astype(np.float32)
 
     def _readout_spans(
         self,
@@ -196,12 +191,15 @@ class Steerer:
             # and running the request unsteered would be a silent wrong answer.
             raise RuntimeError("steerserve: steering table rows exhausted")
         row = self._free.pop()
-        features, self._prompt_scale[row] = wire.decode(encoded)
-        by_sae: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-        for sae_id, index, c0, c1 in features:
-            by_sae[sae_id].append((index, c0, c1))
+        features, conditions, self._prompt_scale[row] = wire.decode(encoded)
+        by_sae: dict[str, list[tuple[int, float, float, wire.Gate]]] = defaultdict(list)
+        for f in features:
+            by_sae[f.sae].append((f.index, f.c0, f.c1, f.gate))
+        conditions_of: dict[str, list[tuple[int, int, float, bool]]] = defaultdict(list)
+        for column, c in enumerate(conditions, start=1):
+            conditions_of[c.sae].append((column, c.index, c.above, c.sticky))
         for sae_id, hook in self.hooks.items():
-            hook.set_row(row, by_sae.get(sae_id, []))
+            hook.set_row(row, by_sae.get(sae_id, []), conditions_of.get(sae_id, []))
         return row
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from benchmarks.soak import engine_metrics
 from features.sae import SAE
 from steering import wire
-from steering.hook import SMALL_SPAN, SAESteering
+from steering.hook import SMALL_SPAN, SAESteering, TokenIndex
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from steering.wire import CONFIG_KEY
 from tests.pacing import paced
@@ -174,7 +174,7 @@ def assert_hook_matches_reference(
     in a row of its own; every token's output must equal the reference's, weighted, by the CPU
     op (`forward` here) in both its ways and by the gathered path."""
     weight_of_token = torch.tensor(weights)
-    hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, weight_of_token)
+    hook = SAESteering(sae, TokenIndex.zeros(64, weight=weight_of_token), ROWS, WIDTH, torch.float32)
     x = torch.randn(tokens_per_request * (len(requests) + 1), sae.cfg.d_in, generator=torch.Generator().manual_seed(seed)) * 3
     expected, spans = [x[:tokens_per_request]], []
     for r, features in enumerate(requests, start=1):

@@ -81,11 +81,11 @@ def build_sae(
 D, D_SAE, ROWS, WIDTH = 12, 20, 5, 4
 
 
-def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0, d_in: int = D) -> SAE:
-    """A random SAE at layer 3 (`d_in` 576 fits the default model, for tests of its settings)."""
+def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0, d_in: int = D, layer: int = 3, sae_id: str = "t") -> SAE:
+    """A random SAE, by default "t" at layer 3 (`d_in` 576 fits the default model, for tests of its settings)."""
     g = torch.Generator().manual_seed(seed)
     cfg = {
-        "architecture": architecture, "d_in": d_in, "d_sae": D_SAE, "hook_name": "blocks.3.hook_resid_post",
+        "architecture": architecture, "d_in": d_in, "d_sae": D_SAE, "hook_name": f"blocks.{layer}.hook_resid_post",
         "apply_b_dec_to_input": True, "normalize_activations": normalize, "k": 5, "norm_scaling_factor": 0.7,
     }  # fmt: skip
     weights = {
@@ -95,4 +95,5 @@ def make_sae(tmp_path, architecture: str, normalize: str, seed: int = 0, d_in: i
         "b_dec": torch.randn(d_in, generator=g) * 0.1,
         "threshold": torch.rand(D_SAE, generator=g),
     }
-    return load_sae("t", save_sae(tmp_path / f"{architecture}-{normalize}-{seed}-{d_in}", cfg, weights, torch.rand(D_SAE) + 1))
+    path = tmp_path / f"{architecture}-{normalize}-{seed}-{d_in}-{layer}"
+    return load_sae(sae_id, save_sae(path, cfg, weights, torch.rand(D_SAE) + 1))

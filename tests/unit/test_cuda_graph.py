@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from steering.hook import SAESteering
+from steering.hook import SAESteering, TokenIndex
 from steering.worker import Steerer
 from tests.helpers import Model, request
 from tests.saes import ROWS, WIDTH, make_sae
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_graph_replay_follows_tables(tmp_path, architecture, dtype):
     device = torch.device("cuda")
     sae = make_sae(tmp_path, architecture, "constant_norm_rescale")
-    slots = torch.zeros(16, dtype=torch.long, device=device)
-    weights = torch.ones(16, device=device)
-    hook = SAESteering(sae, slots, ROWS, WIDTH, dtype, weights)  # tables live where `slots` does
+    index = TokenIndex.zeros(16, device)
+    slots, weights = index.slot, index.weight
+    hook = SAESteering(sae, index, ROWS, WIDTH, dtype)  # tables live where the index does
     hidden = torch.randn(16, sae.cfg.d_in, device=device, dtype=dtype)
     residual = torch.randn(16, sae.cfg.d_in, device=device, dtype=dtype)
 
@@ -59,7 +59,7 @@ def test_steerer_writes_routing_onto_the_device(tmp_path):
     for step in range(3):  # b decodes; a's 3-token prompt, then its first generated tokens
         steerer.route(["b", "a"], np.array([2, 4]), reqs.get, np.array([7 + step, step]), np.array([3, 3]))
         torch.cuda.synchronize()
-        row = int(steerer.slot_of_token[2])
-        assert row > 0 and steerer.slot_of_token[:6].tolist() == [0, 0, row, row, row, row]
+        row = int(steerer.index.slot[2])
+        assert row > 0 and steerer.index.slot[:6].tolist() == [0, 0, row, row, row, row]
         expected = [1.0, 1.0] + [0.5 if step + t < 3 else 1.0 for t in range(4)]
-        assert steerer.weight_of_token[:6].tolist() == expected
+        assert steerer.index.weight[:6].tolist() == expected

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.op import peak_transient_bytes
-from steering.hook import MAX_DELTA, SAESteering
+from steering.hook import MAX_DELTA, SAESteering, TokenIndex
 from tests.helpers import assert_hook_matches_reference, mixed_batches, route, token_weights
 from tests.saes import D_SAE, ROWS, WIDTH, D, make_sae
 
@@ -56,7 +56,7 @@ def _op_step(path, architecture, normalize, requests, tail, chunk, small_span, s
     """A hook with each request in a row of its own, routed as laid out, and the step's hidden and
     residual: (hook, spans, hidden, residual)."""
     sae = make_sae(path, architecture, normalize, seed)
-    hook = SAESteering(sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, torch.tensor(weights))
+    hook = SAESteering(sae, TokenIndex.zeros(64, weight=torch.tensor(weights)), ROWS, WIDTH, torch.float32)
     hook.chunk, hook.small_span = chunk, small_span
     spans, end = [], 0
     for row, (gap, tokens, features) in enumerate(requests, start=1):
@@ -94,7 +94,7 @@ def test_cpu_op_steers_each_request_as_if_alone(tmp_path_factory, **step):
     for (row, start, end), (_, _, features) in zip(spans, step["requests"]):
         weights = torch.ones(64)
         weights[: end - start] = hook.weight_of_token[start:end]
-        alone = SAESteering(hook.sae, torch.zeros(64, dtype=torch.long), ROWS, WIDTH, torch.float32, weights)
+        alone = SAESteering(hook.sae, TokenIndex.zeros(64, weight=weights), ROWS, WIDTH, torch.float32)
         alone.chunk, alone.small_span = hook.chunk, hook.small_span
         alone.set_row(row, features)
         route(alone, [(row, 0, end - start)])
@@ -104,7 +104,7 @@ def test_cpu_op_steers_each_request_as_if_alone(tmp_path_factory, **step):
 
 def test_unsteered_rows_are_bit_exact(tmp_path):
     sae = make_sae(tmp_path, "jumprelu", "none")
-    hook = SAESteering(sae, torch.zeros(8, dtype=torch.long), ROWS, WIDTH, torch.float32)
+    hook = SAESteering(sae, TokenIndex.zeros(8), ROWS, WIDTH, torch.float32)
     hook.set_row(2, [(3, 0.0, 0.0)])  # add with strength 0
     route(hook, [(2, 4, 8)])
     hidden, residual = torch.randn(8, D), torch.randn(8, D)
@@ -115,7 +115,7 @@ def test_unsteered_rows_are_bit_exact(tmp_path):
 
 def test_reused_row_forgets_previous_request(tmp_path):
     sae = make_sae(tmp_path, "standard", "none")
-    hook = SAESteering(sae, torch.zeros(4, dtype=torch.long), ROWS, WIDTH, torch.float32)
+    hook = SAESteering(sae, TokenIndex.zeros(4), ROWS, WIDTH, torch.float32)
     route(hook, [(1, 0, 4)])
     hook.set_row(1, [(i, 5.0, 0.0) for i in range(WIDTH)])
     hook.set_row(1, [(7, 2.0, 0.0)])
@@ -129,7 +129,7 @@ def test_guard_keeps_every_delta_finite_and_bounded(tmp_path):
     """The hook's guard alone, on both paths: extreme rows come out finite and bounded, every
     other row exactly as without them (end to end: tests/server/test_reliability.py)."""
     sae = make_sae(tmp_path, "jumprelu", "none")
-    hook = SAESteering(sae, torch.zeros(6, dtype=torch.long), 5, 4, torch.float32)
+    hook = SAESteering(sae, TokenIndex.zeros(6), 5, 4, torch.float32)
     route(hook, [(1, 1, 2), (2, 2, 3), (3, 3, 4), (4, 4, 6)])
     hook.set_row(1, [(0, float("inf"), 0.0)])  # add, inf
     hook.set_row(2, [(1, 3e38, -1.0), (2, 3e38, -1.0), (3, -3e38, 0.0)])  # sums past float32
@@ -154,7 +154,7 @@ def test_cpu_op_memory_follows_its_chunk_not_the_step(tmp_path):
     sae, d_in, width, chunk = make_sae(tmp_path, "jumprelu", "constant_norm_rescale", d_in=64), 64, WIDTH, 16
     peaks = {}
     for n_tokens in (512, 4096):
-        hook = SAESteering(sae, torch.zeros(n_tokens, dtype=torch.long), ROWS, width, torch.float32)
+        hook = SAESteering(sae, TokenIndex.zeros(n_tokens), ROWS, width, torch.float32)
         hook.chunk, hook.small_span = chunk, 0
         share = n_tokens // (ROWS - 1)
         for row in range(1, ROWS):

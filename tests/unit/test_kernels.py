@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from steering import kernels
-from steering.hook import SAESteering
+from steering.hook import SAESteering, TokenIndex
 from tests.helpers import route
 from tests.saes import ROWS, WIDTH, D, make_sae
 
@@ -58,7 +58,7 @@ def check_triton_kernels() -> None:
     for architecture in ("standard", "jumprelu", "topk"):
         with tempfile.TemporaryDirectory() as tmp:
             sae = make_sae(Path(tmp), architecture, "constant_norm_rescale")
-            hook = SAESteering(sae, torch.zeros(12, dtype=torch.long), ROWS, WIDTH, torch.float16)
+            hook = SAESteering(sae, TokenIndex.zeros(12), ROWS, WIDTH, torch.float16)
             hook.set_row(1, [(3, 2.0, -1.0), (7, 0.0, 0.5)])
             hook.set_row(2, [(1, 4.0, 0.0)])
             route(hook, [(1, 2, 5), (2, 6, 12)])
@@ -75,7 +75,7 @@ def test_half_precision_tables_hold_the_float32_steering(tmp_path, dtype):
     give stays within that dtype's rounding of the float32 tables' delta. Add-only rows, so no
     feature switches at a threshold (the one way half precision can differ by more)."""
     sae = make_sae(tmp_path, "jumprelu", "none")
-    hooks = {dt: SAESteering(sae, torch.zeros(8, dtype=torch.long), ROWS, WIDTH, dt) for dt in (torch.float32, dtype)}
+    hooks = {dt: SAESteering(sae, TokenIndex.zeros(8), ROWS, WIDTH, dt) for dt in (torch.float32, dtype)}
     x = torch.randn(8, D, generator=torch.Generator().manual_seed(1)) * 3
     deltas = {}
     for dt, hook in hooks.items():

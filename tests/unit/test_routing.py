@@ -27,25 +27,26 @@ def test_rows_follow_the_batch_order_and_are_reused(steerer):
     steerer, sae = steerer
     reqs = {"a": request(sae, 1), "b": request(sae, None), "c": request(sae, 2)}
     decode(steerer, ["a", "b", "c"], [2, 3, 1], reqs)
-    routed = steerer.slot_of_token[:6].tolist()
+    routed = steerer.index.slot[:6].tolist()
     row_a, row_c = routed[0], routed[5]
     assert routed == [row_a, row_a, 0, 0, 0, row_c] and {row_a, row_c} == {1, 2}
     assert steerer.hooks["t"].feature[row_a, 0] == 1 and steerer.hooks["t"].feature[row_c, 0] == 2
     # reordered batch, fewer tokens: the stale tail is cleared
     decode(steerer, ["c", "a"], [1, 1], reqs)
-    assert steerer.slot_of_token[:8].tolist() == [row_c, row_a, 0, 0, 0, 0, 0, 0]
+    assert steerer.index.slot[:8].tolist() == [row_c, row_a, 0, 0, 0, 0, 0, 0]
     steerer.release("a")
     reqs["d"] = request(sae, 3)
     with pytest.raises(RuntimeError, match="exhausted"):
         decode(steerer, ["c", "d", "e"], [1, 1, 1], {**reqs, "e": request(sae, 4)})
     decode(steerer, ["d"], [1], reqs)
-    assert steerer.slot_of_token[0] == row_a, "a finished request's row goes to the next steered one"
+    assert steerer.index.slot[0] == row_a, "a finished request's row goes to the next steered one"
     assert steerer.hooks["t"].feature[row_a, 0] == 3
 
 
 def test_prompt_tokens_carry_their_requests_prompt_scale(steerer):
     """A 5-token prompt prefilled in chunks of 3 beside a decoding request, then decoded: its
-    prompt tokens are weighted by its prompt_scale, the token after them by 1."""
+    prompt tokens are weighted by its prompt_scale, the token after them by 1; every token carries
+    its position minus its prompt's length (what gates count by)."""
     steerer, sae = steerer
     reqs = {"p": request(sae, 1, prompt_scale=0.25), "d": request(sae, 2, prompt_scale=4.0), "u": request(sae, None)}
     steps = [  # (batch, tokens scheduled, tokens computed before, prompt lengths) -> weights
@@ -55,7 +56,9 @@ def test_prompt_tokens_carry_their_requests_prompt_scale(steerer):
     ]
     for batch, tokens, computed, prompt, weights in steps:
         steerer.route(batch, np.array(tokens), reqs.get, np.array(computed), np.array(prompt))
-        assert steerer.weight_of_token[: len(weights)].tolist() == weights
+        assert steerer.index.weight[: len(weights)].tolist() == weights
+        generated = [c - p + i for n, c, p in zip(tokens, computed, prompt) for i in range(n)]
+        assert steerer.index.generated[: len(generated)].tolist() == generated
 
 
 def test_hook_is_installed_on_the_sae_layer(steerer):
@@ -82,5 +85,5 @@ def test_tensor_parallel_ranks_steer_identically(tmp_path):
             for req_id in finished:
                 rank.release(req_id)
             decode(rank, batch, tokens, reqs)
-        assert torch.equal(ranks[0].slot_of_token, ranks[1].slot_of_token)
+        assert torch.equal(ranks[0].index.slot, ranks[1].index.slot)
         assert torch.equal(ranks[0].hooks["t"].delta(x), ranks[1].hooks["t"].delta(x))

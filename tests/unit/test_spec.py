@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steering import spec as spec_module
 from steering import wire
 from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, resolve
 from tests.saes import make_sae
@@ -54,7 +55,7 @@ def test_wire_round_trip_and_digest(sae):
     features = [FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)]
     resolved = resolve(SteeringSpec(features=features, prompt_scale=2.5), {"t": sae}, SteeringLimits())
     encoded = wire.encode(resolved)
-    assert wire.decode(encoded) == ([("t", f.index, f.c0, f.c1) for f in resolved.features], 2.5)
+    assert wire.decode(encoded) == ([("t", f.index, f.c0, f.c1, wire.OPEN) for f in resolved.features], [], 2.5)
     others = [SteeringSpec(features=features[:3], prompt_scale=2.5), SteeringSpec(features=features)]
     for other in others:  # the prompt scale is part of the steering: KV written under one is not another's
         assert wire.cache_salt(encoded) != wire.cache_salt(wire.encode(resolve(other, {"t": sae}, SteeringLimits())))
@@ -86,3 +87,65 @@ def test_resolution_yields_the_strengths_the_policy_reads(sae):
     f = resolve(spec, {"t": sae}, SteeringLimits()).features[0]
     assert (f.unit, f.requested, f.peak) == ("max_act", 3.0, 9.0)
     assert f.strength == pytest.approx(3.0 * float(sae.max_act[1]))
+
+
+@pytest.fixture
+def early(tmp_path):
+    return make_sae(tmp_path, "standard", "none", seed=1, layer=1, sae_id="early")
+
+
+def test_gates_cross_the_wire(sae, early):
+    """Each distinct condition once, numbered as the gate columns its features read; windows as given."""
+    saes = {"t": sae, "early": early}
+    sticky = {"sae": "early", "index": 4, "above": 0.5, "scope": "sticky"}
+    spec = SteeringSpec(features=[
+        FeatureIntervention(sae="t", index=0, strength=1.0, when={"sae": "t", "index": 9, "above": 0.1}),
+        FeatureIntervention(sae="t", index=1, strength=1.0, when=sticky, tokens="completion", first_n=5),
+        FeatureIntervention(sae="t", index=2, strength=1.0, when=sticky, after_n=2),
+        FeatureIntervention(sae="t", index=3, strength=1.0, tokens="prompt"),
+        FeatureIntervention(sae="t", index=4, strength=1.0),
+    ])  # fmt: skip
+    features, conditions, _ = wire.decode(wire.encode(resolve(spec, saes, SteeringLimits())))
+    assert conditions == [("t", 9, 0.1, False), ("early", 4, 0.5, True)]
+    assert [f.gate for f in features] == [
+        wire.Gate(when=1), wire.Gate(when=2, prompt=False, first_n=5), wire.Gate(when=2, after_n=2),
+        wire.Gate(first_n=0), wire.OPEN,
+    ]  # fmt: skip
+    ungated = wire.encode(resolve(SteeringSpec(features=spec.features[4:]), saes, SteeringLimits()))
+    assert "conditions" not in ungated and ungated.count(",") == 4, "ungated steering crosses the wire as before"
+
+
+@pytest.mark.parametrize(
+    ("feature", "param"),
+    [
+        ({"when": {"sae": "late", "index": 0, "above": 0.0}}, "steering.features[0].when.sae"),  # read after it steers
+        ({"when": {"sae": "twin", "index": 0, "above": 0.0}}, "steering.features[0].when.sae"),  # same layer, other SAE
+        ({"when": {"sae": "nope", "index": 0, "above": 0.0}}, "steering.features[0].when.sae"),
+        ({"when": {"sae": "t", "index": 10**6, "above": 0.0}}, "steering.features[0].when.index"),
+        ({"tokens": "prompt", "first_n": 3}, "steering.features[0].tokens"),
+        ({"first_n": 3, "after_n": 3}, "steering.features[0].after_n"),
+    ],
+)
+def test_bad_gates_name_their_field(tmp_path, sae, early, feature, param):
+    saes = {
+        "t": sae, "early": early,
+        "late": make_sae(tmp_path, "standard", "none", seed=2, layer=5, sae_id="late"),
+        "twin": make_sae(tmp_path, "standard", "none", seed=3, layer=3, sae_id="twin"),
+    }  # fmt: skip
+    spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=0, strength=1.0, **feature)])
+    with pytest.raises(SteeringError) as err:
+        resolve(spec, saes, SteeringLimits())
+    assert err.value.param == param
+
+
+def test_conditions_count_against_caps(sae, early):
+    saes = {"t": sae, "early": early}
+    many = [FeatureIntervention(sae="t", index=i, strength=1.0, when={"sae": "early", "index": i, "above": 0.0})
+            for i in range(spec_module.MAX_CONDITIONS + 1)]  # fmt: skip
+    with pytest.raises(SteeringError, match="distinct `when` conditions"):
+        resolve(SteeringSpec(features=many), saes, SteeringLimits())
+    # Two interventions and their condition on the same SAE take three of its slots.
+    two = [FeatureIntervention(sae="t", index=i, strength=1.0, when={"sae": "t", "index": 7, "above": 0.0}) for i in range(2)]
+    assert resolve(SteeringSpec(features=two), saes, SteeringLimits(max_features_per_sae=3)) is not None
+    with pytest.raises(SteeringError, match="each distinct `when` condition counting as one"):
+        resolve(SteeringSpec(features=two), saes, SteeringLimits(max_features_per_sae=2))

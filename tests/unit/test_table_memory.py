@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from steering.hook import SAESteering, table_bytes
+from steering.hook import SAESteering, TokenIndex, table_bytes
 from steering.worker import Steerer
 from tests.helpers import Model
 from tests.saes import make_sae
@@ -19,7 +19,7 @@ from tests.saes import make_sae
 @pytest.mark.parametrize("architecture", ["jumprelu", "topk", "standard"])
 def test_table_bytes_is_what_the_hook_allocates(tmp_path, architecture, dtype):
     sae = make_sae(tmp_path, architecture, "none")
-    hook = SAESteering(sae, torch.zeros(8, dtype=torch.long), rows=5, width=3, dtype=dtype)
+    hook = SAESteering(sae, TokenIndex.zeros(8), rows=5, width=3, dtype=dtype)
     assert table_bytes(sae, 5, 3, dtype) == sum(b.nbytes for b in hook.buffers())
 
 

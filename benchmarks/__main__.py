@@ -27,8 +27,8 @@ from benchmarks.harness import (
     start_targets,
     steered_outputs_differing,
 )
-from benchmarks.loadtest import Scenario, mixed, random_spec, unsteered
-from benchmarks.report import HEAVY, READOUT, STEERED, steering_checks, write_report
+from benchmarks.loadtest import Scenario, conditioned, mixed, random_spec, unsteered
+from benchmarks.report import CONDITIONAL, HEAVY, READOUT, STEERED, steering_checks, write_report
 from core.local import stop_server
 from server.cli import model_dtype
 
@@ -69,7 +69,7 @@ def main() -> None:
         # First, that steering changes answers: without it, nothing below measures steering.
         differing = steered_outputs_differing(ours, four, CHECKED)
         print(f"steered greedy answers differing from unsteered: {differing} of {CHECKED}", flush=True)
-        headline = {"unsteered": unsteered, STEERED: four, "mixed 50/50": mixed(four, 0.5), HEAVY: heavy}
+        headline = {"unsteered": unsteered, STEERED: four, CONDITIONAL: conditioned(four, ids["default"]), "mixed 50/50": mixed(four, 0.5), HEAVY: heavy}
         runs = [(ours, name, spec, "steerserve", {}) for name, spec in headline.items()]
         runs += [(ours, READOUT, unsteered, "steerserve", {"readout": {"sae": "default", "top_k": 5}})]
         runs += [(plain, "unsteered", unsteered, "plain vLLM", {}), (bare, "unsteered", unsteered, "steerserve, no SAE", {})]

@@ -3,6 +3,7 @@ measured run of one scenario."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import sys
@@ -141,3 +142,13 @@ class Bench:
             flush=True,
         )
         return result
+
+
+def rounds_args(prog: str, rounds: int) -> argparse.Namespace:
+    """`--out` and `--rounds`, as each side-by-side ratio benchmark takes them; `out/logs` made."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    return args

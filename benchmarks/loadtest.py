@@ -166,6 +166,22 @@ def random_spec(saes: dict[str, int], features: int, modes: tuple[str, ...] = ("
     return make
 
 
+def conditioned(steered: SpecFactory, d_sae: int) -> SpecFactory:
+    """`steered`'s specs, each feature gated by a `when` on another feature of its SAE (token scope
+    on even requests, sticky on odd). The conditions draw nothing from `rng`, so request n steers
+    the same features as it does under `steered`."""
+
+    def make(rng: random.Random, n: int) -> dict:
+        spec = steered(rng, n)
+        scope = "sticky" if n % 2 else "token"
+        return {**spec, "features": [
+            {**f, "when": {"sae": f["sae"], "index": (f["index"] + 1 + n) % d_sae, "above": 0.2, "unit": "max_act", "scope": scope}}
+            for f in spec["features"]
+        ]}  # fmt: skip
+
+    return make
+
+
 def unsteered(rng: random.Random, n: int) -> None:
     return None
 

@@ -10,13 +10,12 @@ SAEs (the hooks at rest). Writes overhead.json and overhead.md under benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from benchmarks.harness import MAX_TOKENS, Bench, benchmark_saes, interleaved, start_targets
+from benchmarks.harness import MAX_TOKENS, Bench, benchmark_saes, interleaved, rounds_args, start_targets
 from benchmarks.loadtest import Scenario, unsteered
 from core.local import stop_server
 
@@ -60,12 +59,8 @@ def write(out: Path, throughput: dict[str, list[float]], summary: dict[str, dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--rounds", type=int, default=8)
-    args = parser.parse_args()
+    args = rounds_args("benchmarks.overhead", 8)
     logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     servers = start_targets(logs, benchmark_saes(), with_hf=False)
     bench = Bench()
     throughput: dict[str, list[float]] = {name: [] for name in servers}

@@ -16,6 +16,7 @@ from benchmarks.loadtest import Result  # noqa: E402
 STEERED = "steered (distinct, 4 feat)"
 HEAVY = "heavy (16 feat, 2 layers, clamp)"
 READOUT = "reading its top 5 (readout)"
+CONDITIONAL = "steered conditionally (4 feat, each with when)"
 
 
 def _by_round(results: list[Result], target: str, scenario: str, group: str, metric=lambda r: r.output_tok_s) -> dict[int, float]:
@@ -45,6 +46,8 @@ def budgets(results: list[Result]) -> list[dict]:
         ("clamp-heavy / unsteered, c=64", _ratio(tok_s("steerserve", HEAVY, "headline"), base), ">=", 0.95),
         ("steerserve unsteered / plain vLLM, c=64", _ratio(base, tok_s("plain vLLM", "unsteered", "headline")), ">=", 0.97),
         ("every request reading its top 5 / unsteered, c=64", _ratio(tok_s("steerserve", READOUT, "headline"), base), ">=", 0.90),
+        ("steered conditionally / unconditionally, c=64",
+         _ratio(tok_s("steerserve", CONDITIONAL, "headline"), tok_s("steerserve", STEERED, "headline")), ">=", 0.95),
         ("steerserve steered / transformers hooks, c=16", _ratio(tok_s("steerserve", STEERED, "c16"), tok_s("hf hooks", STEERED, "c16")), ">=", 10.0),
         ("p99 TTFT steered / unsteered, c=16", _ratio(p99_ttft(STEERED), p99_ttft("unsteered")), "<=", 1.10),
         ("prefill: prompt tok/s, clamp-heavy / unsteered", _ratio(prompt_tok_s("steerserve", HEAVY), prompt_tok_s("steerserve", "unsteered")), ">=", 0.97),

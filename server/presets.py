@@ -71,8 +71,10 @@ class Preset(BaseModel):
         return SteeringSpec(features=own + extra.features, scale=extra.scale, prompt_scale=prompt_scale)
 
     def file_form(self) -> dict[str, Any]:
-        """The preset as a file gives it: unset sampling and an empty features or monitors list left out."""
+        """The preset as a file gives it: unset sampling, gates and an empty features or monitors list left out."""
         form = self.model_dump(exclude_none=True)
+        gates = {"when", "tokens", "first_n", "after_n"}
+        form["features"] = [f.model_dump(exclude_none=True, exclude=gates - f.model_fields_set) for f in self.features]
         return {name: value for name, value in form.items() if value != [] or name not in ("features", "monitors")}
 
 

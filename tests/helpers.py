@@ -19,7 +19,7 @@ from steering.hook import SMALL_SPAN, SAESteering, TokenIndex
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
 from steering.wire import CONFIG_KEY
 from tests.pacing import paced
-from tests.reference import Intervention, next_token_logprobs, steered_residual
+from tests.reference import Intervention, When, next_token_logprobs, steered_residual
 from tests.saes import D_SAE, ROWS, WIDTH
 
 
@@ -106,13 +106,18 @@ def in_one_batch(url: str, calls: list[Callable[[], T]]) -> list[T]:
 
 def spec_and_reference(saes: dict[str, SAE], features: list[dict]) -> tuple[dict, list[Intervention]]:
     """A request's steering spec, and the same interventions in raw units for the reference."""
+    def raw(value: float, unit: str | None, sae: SAE, index: int) -> float:
+        return value * float(sae.max_act[index]) if unit == "max_act" else value
+
     interventions = []
     for f in features:
-        sae = saes[f["sae"]]
-        strength = f.get("strength", 0.0)
-        if f.get("unit") == "max_act":
-            strength *= float(sae.max_act[f["index"]])
-        interventions.append(Intervention(sae, f["index"], f["mode"], strength))
+        sae, when, tokens = saes[f["sae"]], f.get("when"), f.get("tokens", "all")
+        interventions.append(Intervention(
+            sae, f["index"], f["mode"], raw(f.get("strength", 0.0), f.get("unit"), sae, f["index"]),
+            when=When(saes[when["sae"]], when["index"], raw(when["above"], when.get("unit"), saes[when["sae"]], when["index"]),
+                      when.get("scope") == "sticky") if when else None,
+            prompt=tokens != "completion", after_n=f.get("after_n", 0), first_n=0 if tokens == "prompt" else f.get("first_n"),
+        ))  # fmt: skip
     return {"features": features}, interventions
 
 

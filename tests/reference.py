@@ -19,11 +19,25 @@ from features.sae import SAE
 
 
 @dataclass(frozen=True)
+class When:
+    """A condition: `sae`'s feature `index` above `above` (raw), on the stream its layer writes."""
+
+    sae: SAE
+    index: int
+    above: float
+    sticky: bool = False  # holds from the first position where it did, on
+
+
+@dataclass(frozen=True)
 class Intervention:
     sae: SAE
     index: int
     mode: str
     strength: float  # raw units
+    when: When | None = None
+    prompt: bool = True  # applies at prompt positions
+    after_n: int = 0  # and at generated token g (position - prompt length) with after_n <= g < first_n
+    first_n: int | None = None
 
 
 def _activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,11 +64,11 @@ def _activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return f, factor
 
 
-def steered_residual(x: torch.Tensor, interventions: list[Intervention]) -> torch.Tensor:
-    """x [T, d] with every intervention applied, each reading the same un-steered x."""
+def steered_residual(x: torch.Tensor, interventions: list[Intervention], gates: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, d] with every intervention applied, each reading the same un-steered x, each times its gate [T] if given."""
     x = x.float()
     out = x.clone()
-    for iv in interventions:
+    for n, iv in enumerate(interventions):
         f, factor = _activations(iv.sae, x)
         fi, s, d = f[:, iv.index : iv.index + 1], iv.strength, iv.sae.W_dec[iv.index]
         if iv.mode == "add":
@@ -67,6 +81,8 @@ def steered_residual(x: torch.Tensor, interventions: list[Intervention]) -> torc
             coef = (s - 1) * fi
         else:
             raise ValueError(iv.mode)
+        if gates is not None:
+            coef = coef * gates[n][:, None]
         out = out + coef * d / factor
     return out
 
@@ -74,17 +90,43 @@ def steered_residual(x: torch.Tensor, interventions: list[Intervention]) -> torc
 @contextmanager
 def steering_hooks(model, interventions: list[Intervention], prompt_len: int = 0, prompt_scale: float = 1.0):
     """Steer a transformers Llama: each decoder layer's output is the residual stream (resid_post).
-    Positions before `prompt_len` get `prompt_scale` times the change, the rest all of it."""
+    Positions before `prompt_len` get `prompt_scale` times the change, the rest all of it. An
+    intervention applies only at positions in its window where its condition holds, the condition
+    read at its own layer before that layer steers; one generation per `with` (sticky conditions
+    remember their first position across its forwards)."""
     by_layer: dict[int, list[Intervention]] = {}
+    conditions = {iv.when for iv in interventions if iv.when is not None}
     for iv in interventions:
         by_layer.setdefault(iv.sae.cfg.layer, []).append(iv)
-    handles = []
-    for layer, ivs in by_layer.items():
+    for when in conditions:
+        by_layer.setdefault(when.sae.cfg.layer, [])
+    holds: dict[When, torch.Tensor] = {}  # this forward's, per position
+    first: dict[When, float] = {}  # each sticky condition's first position so far
 
-        def hook(module, args, kwargs, output, ivs=ivs):
+    def gate(iv: Intervention, positions: torch.Tensor) -> torch.Tensor:
+        g = positions - prompt_len
+        first_n = math.inf if iv.first_n is None else iv.first_n
+        window = torch.where(g < 0, torch.tensor(iv.prompt), (g >= iv.after_n) & (g < first_n))
+        return (window & (holds[iv.when] if iv.when is not None else True)).float()
+
+    handles = []
+    for layer, ivs in sorted(by_layer.items()):
+
+        def hook(module, args, kwargs, output, ivs=ivs, layer=layer):
             hidden = output[0] if isinstance(output, tuple) else output
             shape = hidden.shape
-            steered = steered_residual(hidden.reshape(-1, shape[-1]), ivs).reshape(shape)
+            positions = kwargs["position_ids"].reshape(-1)
+            for when in conditions:
+                if when.sae.cfg.layer == layer:
+                    f = _activations(when.sae, hidden.reshape(-1, shape[-1]).float())[0][:, when.index] > when.above
+                    if when.sticky:
+                        first[when] = min([first.get(when, math.inf), *positions[f].tolist()])
+                        f = positions >= first[when]
+                    holds[when] = f
+            if not ivs:
+                return output
+            gates = [gate(iv, positions) for iv in ivs]
+            steered = steered_residual(hidden.reshape(-1, shape[-1]), ivs, gates).reshape(shape)
             if prompt_scale != 1.0:
                 weight = torch.where(kwargs["position_ids"] < prompt_len, prompt_scale, 1.0)[..., None]
                 steered = hidden.float() + weight * (steered - hidden.float())

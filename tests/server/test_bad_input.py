@@ -30,6 +30,22 @@ CASES = {
     "steering not an object": ("yes", 400, "steering", "valid dictionary"),
     "unknown steering key": ({"feature": [GOOD]}, 400, "steering.feature", "Extra inputs"),
     "features not a list": ({"features": GOOD}, 400, "features", "valid list"),
+    "condition read after it steers": (
+        {"features": [{**GOOD, "when": {"sae": "topk", "index": 0, "above": 0.1}}]}, 400, "features[0].when.sae", "earlier layer",
+    ),
+    "condition scope unknown": (
+        {"features": [{**GOOD, "when": {"sae": "jr", "index": 0, "above": 0.1, "scope": "forever"}}]}, 400, "when.scope", "'token' or 'sticky'",
+    ),
+    "condition without threshold": ({"features": [{**GOOD, "when": {"sae": "jr", "index": 0}}]}, 400, "when.above", "Field required"),
+    "condition index out of range": (
+        {"features": [{**GOOD, "when": {"sae": "relu", "index": 999, "above": 0.1}}]}, 400, "features[0].when.index", "0 <= index < 256",
+    ),
+    "first_n zero": ({"features": [{**GOOD, "first_n": 0}]}, 400, "first_n", "greater than or equal to 1"),
+    "empty window": ({"features": [{**GOOD, "first_n": 2, "after_n": 5}]}, 400, "features[0].after_n", "must be below first_n"),
+    "prompt window counted in generated tokens": (
+        {"features": [{**GOOD, "tokens": "prompt", "after_n": 2}]}, 400, "features[0].tokens", "count generated tokens",
+    ),
+    "unknown token window": ({"features": [{**GOOD, "tokens": "some"}]}, 400, "tokens", "'all', 'prompt' or 'completion'"),
 }  # fmt: skip
 
 

@@ -127,3 +127,30 @@ def test_a_condition_read_at_an_earlier_hook_gates_a_later_one(tmp_path):
         delta = steered_residual(x, [Intervention(late, 2, "add", 4.0)]) - x
         torch.testing.assert_close(got, x + holds[:, None] * delta, rtol=1e-4, atol=1e-4)
         assert 0 < int(holds.sum()) < 8
+
+
+def test_compiled_gathered_path_keeps_its_gate_state(tmp_path):
+    """The gathered path (what a GPU runs), traced once by Dynamo with a symbolic token count and
+    compiled by inductor, step after step: the same steering and the same sticky state as eager.
+    Its gates write the shared index and the hook's state in place, which a compiled graph must keep."""
+    sae = make_sae(tmp_path, "jumprelu", "none", d_in=D)
+    hooks = [SAESteering(sae, TokenIndex.zeros(64), ROWS, 8, torch.float32) for _ in range(2)]
+    x = [torch.randn(sum(len(g) for _, g in step), D, generator=torch.Generator().manual_seed(s)) * 3 for s, step in enumerate(STEPS)]
+    thresholds = _thresholds(sae, torch.cat(x))
+    for hook in hooks:
+        for row, (features, conditions) in REQUESTS.items():
+            hook.set_row(row, [(i, s, 0.0, gate) for i, s, gate in features], [(c, i, thresholds[i], sticky) for c, i, sticky in conditions])
+    compiled = torch.compile(lambda x: hooks[1].delta(x), dynamic=True, fullgraph=True)
+    for step, xs in zip(STEPS, x):
+        for hook in hooks:
+            spans, t = [], 0
+            for row, generated in step:
+                hook.index.generated[t : t + len(generated)] = torch.tensor(list(generated))
+                spans.append((row, t, t + len(generated)))
+                t += len(generated)
+            route(hook, [s for s in spans if s[0]])
+        eager = hooks[0].delta(xs)
+        torch.testing.assert_close(compiled(xs), eager, rtol=1e-5, atol=1e-5)
+        assert torch.equal(hooks[1].fired, hooks[0].fired)
+        assert torch.equal(hooks[1].index.gate[: len(xs)], hooks[0].index.gate[: len(xs)])
+    assert (hooks[1].fired < float("inf")).any(), "some sticky condition fired"

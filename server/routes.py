@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -183,6 +184,10 @@ async def _serve(
             raise SteeringError(field, "readout and monitors follow one prompt per request; send the prompts separately")
         if any(m.action == "stop" for m in plan.monitors) and request.min_tokens:
             raise SteeringError("min_tokens", "a stop monitor may end an answer at any token; min_tokens must be 0")
+        if plan.resolved is not None and (n := plan.resolved.sticky()) is not None and sequences > 1:
+            # Sequences of one request share its cache salt, so one could take from the prefix
+            # cache the prompt tokens where another's sticky condition fired, and never see it.
+            raise SteeringError(f"steering.features[{n}].when.scope", "a sticky condition follows one sequence: send one prompt with n = 1")
     except SteeringError as exc:
         metrics.VALIDATION_ERRORS.labels(metrics.field_label(exc.param)).inc()
         return openai_error(HTTPStatus.BAD_REQUEST, str(exc), exc.param)
@@ -219,7 +224,7 @@ async def _serve_steered(
     if plan.resolved is not None:
         assert plan.wire is not None and plan.salt is not None
         echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
-        _attach(request, plan.wire, plan.salt)
+        _attach(request, plan.wire, plan.salt, private=plan.resolved.sticky() is not None)
     collector, readout_id = None, None
     if plan.readout is not None or plan.monitors:
         readout_id, collector = state.readouts.open(plan.readout, plan.monitors, request.n or 1, state.token_text)
@@ -272,9 +277,13 @@ def _apply_preset(request: SteeredRequest, plan: Plan) -> None:
         setattr(request, field, value)
 
 
-def _attach(request: SteeredRequest, wire: str, salt: str) -> None:
-    """Hand the spec to the worker and keep its KV cache apart from differently steered requests."""
+def _attach(request: SteeredRequest, wire: str, salt: str, private: bool) -> None:
+    """Hand the spec to the worker and keep its KV cache apart from differently steered requests,
+    or (`private`: a sticky condition, whose state is read off the prompt's computed tokens) from
+    every other request."""
     request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: wire}
+    if private:
+        salt = f"{uuid.uuid4().hex}:{salt}"
     request.cache_salt = f"{salt}:{request.cache_salt}" if request.cache_salt else salt
 
 

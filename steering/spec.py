@@ -181,6 +181,11 @@ class ResolvedSteering:
     features: tuple[ResolvedFeature, ...]
     prompt_scale: float = 1.0
 
+    def sticky(self) -> int | None:
+        """The place of the first feature with a sticky condition, if any: its state needs every
+        prompt token computed, none taken from the prefix cache."""
+        return next((n for n, f in enumerate(self.features) if f.when is not None and f.when.sticky), None)
+
     def conditions(self) -> list[ResolvedCondition]:
         """Its distinct conditions, in first-use order: condition i is the worker's gate column i + 1."""
         return list(dict.fromkeys(f.when for f in self.features if f.when is not None))

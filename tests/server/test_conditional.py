@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import httpx
 import pytest
 import torch
 
 from tests.helpers import chat_prompt_ids, common_prefix, server_tokens, spec_and_reference
 from tests.reference import Intervention, feature_activations, greedy
-from tests.serving import PREFILL_CHUNK
+from tests.serving import ADMIN, PREFILL_CHUNK
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -88,6 +89,21 @@ def test_sticky_state_spans_prefill_chunks(client, model_name, hf_model, saes, t
                "when": {"sae": "jr", "index": 31, "above": above, "scope": "sticky"}}  # fmt: skip
     spec, interventions = spec_and_reference(saes, [feature])
     check(client, model_name, hf_model, [ids], spec, interventions)
+    # The same request again: the prompt's blocks holding the first firing, now cached by the
+    # first, are its own to compute (a sticky request's cache salt is its own), so it opens as before.
+    again = server_tokens(client, model_name, ids, N_TOKENS, spec)
+    assert again == greedy(hf_model, ids, N_TOKENS, interventions)
+
+
+def test_sticky_conditions_follow_one_sequence(server, model_name):
+    """n > 1 shares a cache salt between choices, which could hide a firing in the prompt: refused."""
+    feature = {"sae": "jr", "index": 0, "strength": 1.0, "when": {"sae": "jr", "index": 3, "above": 0.1, "scope": "sticky"}}
+    body = {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2,
+            "steering": {"features": [{"sae": "jr", "index": 1, "strength": 1.0}, feature]}}  # fmt: skip
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=ADMIN, timeout=120)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "steering.features[1].when.scope"
+    body["n"] = 1
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=ADMIN, timeout=120).status_code == 200
 
 
 @pytest.mark.parametrize(

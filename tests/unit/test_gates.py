@@ -20,12 +20,13 @@ REQUESTS = {
         [(1, 5, False), (2, 6, True)]),
     2: ([(3, 1.0, Gate(when=1, prompt=False)), (4, 3.0, OPEN)], [(1, 5, True)]),
     3: ([(5, 1.0, Gate(after_n=2))], []),  # a window alone
+    4: ([(7, 1.0, OPEN), (8, -2.0, OPEN), (9, 1.5, OPEN)], []),  # ungated, as many slots as row 2: gathered with it
 }  # fmt: skip
 # Two steps, as (row, generated index of each token): a prompt prefilled in two chunks then decoding,
-# a request decoding, and an unsteered one (row 0) in between.
+# requests decoding, and an unsteered one (row 0) in between.
 STEPS = [
-    [(1, range(-4, 0)), (0, range(2)), (2, range(0, 3)), (3, range(-2, 3))],
-    [(1, range(0, 3)), (0, range(2, 3)), (2, range(3, 5)), (3, range(3, 4))],
+    [(1, range(-4, 0)), (0, range(2)), (2, range(0, 3)), (3, range(-2, 3)), (4, range(-1, 1))],
+    [(1, range(0, 3)), (0, range(2, 3)), (2, range(3, 5)), (4, range(1, 2)), (3, range(3, 4))],
 ]
 
 

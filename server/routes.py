@@ -224,7 +224,7 @@ async def _serve_steered(
     if plan.resolved is not None:
         assert plan.wire is not None and plan.salt is not None
         echo = {"hash": plan.salt, **plan.resolved.echo(), **({"preset": plan.preset.name} if plan.preset else {})}
-        _attach(request, plan.wire, plan.salt, private=plan.resolved.sticky() is not None)
+        _attach(request, plan.wire, plan.salt, private=plan.resolved.private())
     collector, readout_id = None, None
     if plan.readout is not None or plan.monitors:
         readout_id, collector = state.readouts.open(plan.readout, plan.monitors, request.n or 1, state.token_text)
@@ -279,8 +279,7 @@ def _apply_preset(request: SteeredRequest, plan: Plan) -> None:
 
 def _attach(request: SteeredRequest, wire: str, salt: str, private: bool) -> None:
     """Hand the spec to the worker and keep its KV cache apart from differently steered requests,
-    or (`private`: a sticky condition, whose state is read off the prompt's computed tokens) from
-    every other request."""
+    or (`private`, see ResolvedSteering.private) from every other request."""
     request.vllm_xargs = {**(request.vllm_xargs or {}), CONFIG_KEY: wire}
     if private:
         salt = f"{uuid.uuid4().hex}:{salt}"

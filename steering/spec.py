@@ -21,7 +21,8 @@ position prompt length + g, and the prompt's last token, which yields token 0, i
 - Window: `tokens` ("all", "prompt" or "completion"), and over generated tokens `after_n`
   <= g < `first_n`. `tokens: "completion"` steers exactly as `prompt_scale: 0` does.
 - Condition (`when`): a feature of an SAE at the intervention's layer (the same SAE) or an earlier
-  one, above a threshold, on the stream before that SAE's steering. Scope "token" gates each token
+  one, above a threshold, on the stream as that SAE's hook receives it (before it steers; after
+  any hook before it at that layer). Scope "token" gates each token
   by its own value; "sticky" opens at the request's first token where it held and stays open.
 
 `resolve` is the one validation path: a request, a presets file (at start-up, on reload and in
@@ -46,6 +47,8 @@ Scope = Literal["prompt", "completion", "all"]
 Tokens = Literal["all", "prompt", "completion"]
 # Distinct conditions one request may carry: each is a column of the worker's per-token gate table.
 MAX_CONDITIONS = 8
+# The largest first_n or after_n: past any context length, and exact as the worker's float32.
+MAX_WINDOW = 1 << 24
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
@@ -75,8 +78,8 @@ class FeatureIntervention(BaseModel):
     unit: Unit = "raw"
     when: Condition | None = Field(default=None, description="steer only where this condition holds")
     tokens: Tokens = Field(default="all", description="which tokens to steer: the prompt's, the generated ones, or all")
-    first_n: Annotated[int, Field(ge=1, strict=True)] | None = Field(default=None, description="steer only the first n generated tokens")
-    after_n: Annotated[int, Field(ge=0, strict=True)] = Field(default=0, description="steer generated tokens only after the first n")
+    first_n: Annotated[int, Field(ge=1, le=MAX_WINDOW, strict=True)] | None = Field(default=None, description="steer only the first n generated tokens")
+    after_n: Annotated[int, Field(ge=0, le=MAX_WINDOW, strict=True)] = Field(default=0, description="steer generated tokens only after the first n")
 
 
 class SteeringSpec(BaseModel):
@@ -185,6 +188,13 @@ class ResolvedSteering:
         """The place of the first feature with a sticky condition, if any: its state needs every
         prompt token computed, none taken from the prefix cache."""
         return next((n for n, f in enumerate(self.features) if f.when is not None and f.when.sticky), None)
+
+    def private(self) -> bool:
+        """Whether its KV must never be shared through the prefix cache: steering that follows the
+        prompt's length (prompt_scale, a token window) writes the KV of an answer's tokens as no
+        later prompt holding them would, and a sticky condition must see every prompt token."""
+        windowed = any(f.tokens != "all" or f.after_n or f.first_n is not None for f in self.features)
+        return self.prompt_scale != 1.0 or windowed or self.sticky() is not None
 
     def conditions(self) -> list[ResolvedCondition]:
         """Its distinct conditions, in first-use order: condition i is the worker's gate column i + 1."""

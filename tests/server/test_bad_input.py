@@ -41,6 +41,7 @@ CASES = {
         {"features": [{**GOOD, "when": {"sae": "relu", "index": 999, "above": 0.1}}]}, 400, "features[0].when.index", "0 <= index < 256",
     ),
     "first_n zero": ({"features": [{**GOOD, "first_n": 0}]}, 400, "first_n", "greater than or equal to 1"),
+    "after_n past any context": ({"features": [{**GOOD, "after_n": 10**400}]}, 400, "after_n", "less than or equal to 16777216"),
     "empty window": ({"features": [{**GOOD, "first_n": 2, "after_n": 5}]}, 400, "features[0].after_n", "must be below first_n"),
     "prompt window counted in generated tokens": (
         {"features": [{**GOOD, "tokens": "prompt", "after_n": 2}]}, 400, "features[0].tokens", "count generated tokens",

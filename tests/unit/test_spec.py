@@ -149,3 +149,18 @@ def test_conditions_count_against_caps(sae, early):
     assert resolve(SteeringSpec(features=two), saes, SteeringLimits(max_features_per_sae=3)) is not None
     with pytest.raises(SteeringError, match="each distinct `when` condition counting as one"):
         resolve(SteeringSpec(features=two), saes, SteeringLimits(max_features_per_sae=2))
+
+
+def test_steering_that_follows_the_prompt_length_is_kept_out_of_the_shared_prefix_cache(sae, early):
+    saes, add = {"t": sae, "early": early}, {"sae": "t", "index": 0, "strength": 1.0}
+    private = [
+        SteeringSpec(features=[FeatureIntervention(**add)], prompt_scale=0.5),
+        SteeringSpec(features=[FeatureIntervention(**add, tokens="completion")]),
+        SteeringSpec(features=[FeatureIntervention(**add, first_n=3)]),
+        SteeringSpec(features=[FeatureIntervention(**add, after_n=2)]),
+        SteeringSpec(features=[FeatureIntervention(**add, when={"sae": "early", "index": 1, "above": 0.0, "scope": "sticky"})]),
+    ]
+    assert all(resolve(spec, saes, SteeringLimits()).private() for spec in private)
+    shared = [SteeringSpec(features=[FeatureIntervention(**add)]),
+              SteeringSpec(features=[FeatureIntervention(**add, when={"sae": "early", "index": 1, "above": 0.0})])]  # fmt: skip
+    assert not any(resolve(spec, saes, SteeringLimits()).private() for spec in shared)

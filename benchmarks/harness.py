@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from benchmarks.loadtest import Result, Scenario, SpecFactory, run
 from core.local import Server, ensure_default_model, free_port, home, serve_command, start_server, stop_server
-from features.sae import DEFAULT_SAE, load_sae, save_sae
+from features.formats import DEFAULT_SAE, load_sae, save_sae
 from server.cli import model_dtype
 
 PROMPTS = [

@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from features.sae import SAE, load_sae
+from features.formats import load_sae
+from features.sae import SAE
 
 
 def build_app(model_dir: str, saes: dict[str, SAE]) -> FastAPI:

@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from core.local import ensure_default_model, file_sha256, home
 from features import activations, catalogue, corpus, quality
+from features.formats import CONFIG_FILE, DEFAULT_SAE, STATISTICS_FILE, WEIGHTS_FILE, load_sae
 from features.residuals import ResidualReader
-from features.sae import CONFIG_FILE, DEFAULT_SAE, STATISTICS_FILE, WEIGHTS_FILE, load_sae
 from features.train import TrainConfig, Trainer, save_history_plot, write_json
 
 LAYER = 15  # the middle of SmolLM2-135M's 30 layers

@@ -70,8 +70,8 @@ def evaluate(model_dir: Path, sae: SAE, tokens: np.ndarray, sink_norm: float, ma
             handle.remove()
         x = captured.pop()
         x = x[x.norm(dim=1) <= sink_norm]
-        acts, scale = sae.encode_scaled(x)
-        recon = sae.decode(acts, scale)
+        acts = sae.encode(x)
+        recon = sae.decode(acts, x)
         residual_sq += (x - recon).pow(2).sum().item()
         total_sq += (x - x.mean(0)).pow(2).sum().item()
         l0 += int((acts > 0).sum())

@@ -1,10 +1,11 @@
-"""Sparse autoencoders in SAELens's on-disk format: the SAE math's one home.
+"""Sparse autoencoders: the SAE math's one home.
 
-A directory holds `cfg.json` and `sae_weights.safetensors` (`W_enc` [d_in, d_sae],
-`b_enc` [d_sae], `W_dec` [d_sae, d_in], `b_dec` [d_in], and an architecture's own
-per-feature tensors, such as JumpReLU's `threshold` [d_sae]), plus optionally
-`feature_statistics.safetensors` with per-feature `max_act` [d_sae], which is what
-`unit: max_act` steers in multiples of.
+An SAE is held in one canonical form, whatever file it came from (features/formats.py reads the
+formats people publish into it): `W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_in],
+`b_dec` [d_in], an architecture's own per-feature tensors (JumpReLU's `threshold` [d_sae]), an
+`SAEConfig`, and optionally per-feature `max_act` [d_sae], which `unit: max_act` steers in
+multiples of. Its encode is SAELens's: normalise the input, subtract b_dec where the SAE says so,
+pre = xin @ W_enc + b_enc, then the architecture's activation f.
 
 Each architecture is one small class registered by name (as in SAELens): the base class holds
 the shared input pipeline, pre-activation and decoding; a subclass gives its activation f. The
@@ -13,7 +14,6 @@ steering hook, `SAE.encode`, the quality report and the catalogue all go through
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -22,18 +22,24 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-STATISTICS_FILE = "feature_statistics.safetensors"
-DEFAULT_SAE = Path(__file__).parent / "default"  # the default model's own SAE (python -m features.build)
-
-Normalization = Literal["none", "constant_norm_rescale", "expected_average_only_in"]
-_NORMALIZATIONS = ("none", "constant_norm_rescale", "expected_average_only_in")
-# TransformerLens names (`blocks.L.hook_resid_post`) and HF module names (`model.layers.L`)
-# both denote the output of decoder layer L: the residual stream after the layer.
-_RESID_POST = (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), re.compile(r"^model\.layers\.(\d+)$"))
+Normalization = Literal["none", "constant_norm_rescale", "expected_average_only_in", "layer_norm"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("none", "constant_norm_rescale", "expected_average_only_in", "layer_norm")
+LAYER_NORM_EPS = 1e-5  # SAELens's and OpenAI's: x centred, divided by (its std + eps)
+# Names of the residual stream after decoder layer L (TransformerLens, Hugging Face, sparsify), and
+# before it (TransformerLens's resid_pre: the output of layer L - 1).
+_RESID_POST = (
+    re.compile(r"^blocks\.(\d+)\.hook_resid_post$"),
+    re.compile(r"^model\.layers\.(\d+)(\.output)?$"),
+    re.compile(r"^layers\.(\d+)$"),
+)
+_RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
+# What a hook name we cannot steer denotes, for the refusal.
+_OTHER_HOOKS = (
+    (re.compile(r"hook_z$|attn|hook_q$|hook_k$|hook_v$|hook_pattern"), "an attention output"),
+    (re.compile(r"mlp|hook_post$|hook_pre$"), "an MLP output"),
+    (re.compile(r"resid_mid"), "the residual stream between attention and MLP"),
+)
 
 
 class SAEFormatError(ValueError):
@@ -43,72 +49,34 @@ class SAEFormatError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-def layer_of_hook(hook_name: str) -> int | None:
-    """The decoder layer whose output (resid_post) `hook_name` denotes, or None."""
+def layer_of_hook(hook_name: str) -> int:
+    """The decoder layer whose output `hook_name` denotes; ValueError, saying why, if none does."""
     for pattern in _RESID_POST:
         if match := pattern.match(hook_name):
             return int(match.group(1))
-    return None
+    if match := _RESID_PRE.match(hook_name):
+        if int(match.group(1)) == 0:
+            raise ValueError(f"hook {hook_name!r} is the embeddings, before any decoder layer; steerserve steers layer outputs")
+        return int(match.group(1)) - 1
+    what = next((name for pattern, name in _OTHER_HOOKS if pattern.search(hook_name)), "not a residual-stream hook")
+    raise ValueError(
+        f"hook {hook_name!r} is {what}: steerserve steers the residual stream after a decoder layer, named "
+        "'blocks.<L>.hook_resid_post', 'blocks.<L>.hook_resid_pre' (layer L-1's output), 'model.layers.<L>[.output]' "
+        "or 'layers.<L>'"
+    )
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    architecture: str  # a name in ARCHITECTURES, as the file gives it
+    architecture: str  # a name in ARCHITECTURES
     d_in: int
     d_sae: int
     hook_name: str
-    layer: int
+    layer: int  # the decoder layer whose output the SAE reads and steers
     apply_b_dec_to_input: bool
     normalize_activations: Normalization
-    norm_scaling_factor: float | None
-    k: int | None  # TopK's k, where the file gives one
-
-    @classmethod
-    def from_json(cls, path: Path) -> SAEConfig:
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SAEFormatError(path, f"cannot read SAE config: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise SAEFormatError(path, "SAE config must be a JSON object")
-
-        def need(key: str) -> object:
-            if key not in raw:
-                raise SAEFormatError(path, f"missing required field {key!r}")
-            return raw[key]
-
-        arch = str(raw.get("architecture", "standard"))
-        if arch not in ARCHITECTURES:
-            raise SAEFormatError(path, f"architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
-        hook_name = str(need("hook_name"))
-        layer = layer_of_hook(hook_name)
-        if layer is None:
-            raise SAEFormatError(
-                path,
-                f"unknown hook {hook_name!r}: steerserve hooks the residual stream after a layer, "
-                "named 'blocks.<L>.hook_resid_post' or 'model.layers.<L>'",
-            )
-        norm = raw.get("normalize_activations") or "none"
-        if norm not in _NORMALIZATIONS:
-            raise SAEFormatError(path, f"normalize_activations {norm!r} is not one of {list(_NORMALIZATIONS)}")
-        scaling = raw.get("norm_scaling_factor")
-        if norm == "expected_average_only_in" and not isinstance(scaling, (int, float)):
-            raise SAEFormatError(path, "normalize_activations 'expected_average_only_in' needs a numeric 'norm_scaling_factor'")
-        d_in, d_sae = need("d_in"), need("d_sae")
-        if not (isinstance(d_in, int) and isinstance(d_sae, int) and d_in > 0 and d_sae > 0):
-            raise SAEFormatError(path, "d_in and d_sae must be positive integers")
-        k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-        return cls(
-            architecture=arch,
-            d_in=d_in,
-            d_sae=d_sae,
-            hook_name=hook_name,
-            layer=layer,
-            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", False)),
-            normalize_activations=norm,
-            norm_scaling_factor=float(scaling) if scaling is not None else None,
-            k=k if isinstance(k, int) else None,
-        )
+    norm_scaling_factor: float | None  # expected_average_only_in's factor
+    k: int | None  # TopK's k
 
 
 class SAE:
@@ -122,9 +90,19 @@ class SAE:
     dense: ClassVar[bool] = False  # f_i depends on every pre-activation (TopK), not on feature i's alone
 
     def __init__(
-        self, sae_id: str, path: Path, cfg: SAEConfig, weights: Mapping[str, torch.Tensor], max_act: torch.Tensor | None
+        self,
+        sae_id: str,
+        path: Path,
+        cfg: SAEConfig,
+        weights: Mapping[str, torch.Tensor],
+        max_act: torch.Tensor | None,
+        source: str | None = None,
+        files: tuple[Path, ...] = (),
     ):
+        """`path`: where it was read from; `source`: what loads it again (features/formats.py's
+        `FORMAT:PATH[@LAYER]`); `files`: the files its values came from."""
         self.id, self.path, self.cfg, self.max_act = sae_id, path, cfg, max_act
+        self.source, self.files = source or str(path), files
         self.W_enc = weights["W_enc"].float()  # [d_in, d_sae]
         self.b_enc = weights["b_enc"].float()  # [d_sae]
         self.W_dec = weights["W_dec"].float()  # [d_sae, d_in]
@@ -139,24 +117,30 @@ class SAE:
     def has_statistics(self) -> bool:
         return self.max_act is not None
 
-    def input_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Factor [T, 1] by which the SAE's input normalisation multiplies each token of x [T, d_in].
+    def input_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift [T, 1], scale [T, 1]): the SAE's input normalisation maps each token of x [T, d_in]
+        to (x - shift) * scale.
 
-        The SAE's reconstruction lives in that normalised space, so a decoder-space delta
-        is divided by the same factor to bring it back to the model's residual stream.
+        The SAE's reconstruction lives in that normalised space, so a decoder-space delta is
+        divided by the same scale to bring it back to the model's residual stream (a shift cancels
+        in a delta).
         """
-        cfg = self.cfg
+        cfg, x = self.cfg, x.float()
+        shift = x.new_zeros((x.shape[0], 1))
         if cfg.normalize_activations == "constant_norm_rescale":
-            return math.sqrt(cfg.d_in) / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            return shift, math.sqrt(cfg.d_in) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         if cfg.normalize_activations == "expected_average_only_in":
-            return x.new_full((x.shape[0], 1), cfg.norm_scaling_factor, dtype=torch.float32)  # type: ignore[arg-type]
-        return x.new_ones((x.shape[0], 1), dtype=torch.float32)
+            return shift, x.new_full((x.shape[0], 1), cfg.norm_scaling_factor)  # type: ignore[arg-type]
+        if cfg.normalize_activations == "layer_norm":
+            shift = x.mean(dim=-1, keepdim=True)
+            return shift, 1 / ((x - shift).std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
+        return shift, x.new_ones((x.shape[0], 1))
 
     def sae_in(self, x: torch.Tensor, b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the encoder's input [T, d_in], the normalisation factor [T, 1]) for residual vectors x.
+        """(the encoder's input [T, d_in], the normalisation's scale [T, 1]) for residual vectors x.
         `b_dec` is this SAE's b_dec on x's device, where that is not the CPU."""
-        scale = self.input_scale(x)
-        xin = x.float() * scale
+        shift, scale = self.input_norm(x)
+        xin = (x.float() - shift) * scale
         if self.cfg.apply_b_dec_to_input:
             xin = xin - (self.b_dec if b_dec is None else b_dec)
         return xin, scale
@@ -184,23 +168,20 @@ class SAE:
         """
         return self.activation(project(xin), params)
 
-    def encode_scaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature activations [T, d_sae], normalisation factor [T, 1]) of residual vectors x [T, d_in]."""
-        xin, scale = self.sae_in(x)
-        return self.activation(xin @ self.W_enc + self.b_enc, self.params), scale
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [T, d_sae] of residual vectors x [T, d_in], as SAELens computes them."""
-        return self.encode_scaled(x)[0]
+        xin, _ = self.sae_in(x)
+        return self.activation(xin @ self.W_enc + self.b_enc, self.params)
 
-    def decode(self, f: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The reconstruction [T, d_in] of activations f [T, d_sae] in the residual stream's own
-        units: the input normalisation (factor `scale` [T, 1], from `encode_scaled`) undone."""
-        return (f @ self.W_dec + self.b_dec) / scale
+    def decode(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction [T, d_in], in the residual stream's own units, from activations f
+        [T, d_sae] of residual vectors x [T, d_in]: the input normalisation undone."""
+        shift, scale = self.input_norm(x)
+        return (f @ self.W_dec + self.b_dec) / scale + shift
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) for residual vectors x [T, d_in]."""
-        return self.decode(*self.encode_scaled(x))
+        return self.decode(self.encode(x), x)
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
@@ -229,7 +210,7 @@ class JumpReLUSAE(SAE):
     per_feature = ("threshold",)
 
     def activation(self, pre: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return pre * (pre > params["threshold"])
+        return torch.relu(pre) * (pre > params["threshold"])
 
 
 @register("topk")
@@ -261,60 +242,3 @@ class TopKSAE(SAE):
         # Membership in the top k is decided on the very numbers it is measured against.
         kth = torch.topk(full, self.cfg.k, dim=-1).values[:, -1:]  # type: ignore[arg-type]
         return torch.relu(pre) * (pre >= kth)
-
-
-def load_sae(sae_id: str, path: str | Path) -> SAE:
-    """Load and check an SAE directory; any problem raises SAEFormatError naming the file."""
-    path = Path(path)
-    cfg = SAEConfig.from_json(path / CONFIG_FILE)
-    cls = ARCHITECTURES[cfg.architecture]
-    cls.check_config(cfg, path / CONFIG_FILE)
-    weights_path = path / WEIGHTS_FILE
-    try:
-        weights = load_file(weights_path)
-    except Exception as exc:  # safetensors raises several types for a bad file
-        raise SAEFormatError(weights_path, f"cannot read SAE weights: {exc}") from exc
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
-        **{name: (cfg.d_sae,) for name in cls.per_feature},
-    }
-    for name, shape in expected.items():
-        if name not in weights:
-            raise SAEFormatError(weights_path, f"missing tensor {name!r}")
-        if tuple(weights[name].shape) != shape:
-            raise SAEFormatError(weights_path, f"tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
-        if not torch.isfinite(weights[name]).all():
-            raise SAEFormatError(weights_path, f"tensor {name!r} holds NaN or inf")
-    return cls(sae_id, path, cfg, weights, _load_max_act(path / STATISTICS_FILE, cfg.d_sae))
-
-
-def _load_max_act(path: Path, d_sae: int) -> torch.Tensor | None:
-    if not path.exists():
-        return None
-    try:
-        stats = load_file(path)
-    except Exception as exc:
-        raise SAEFormatError(path, f"cannot read feature statistics: {exc}") from exc
-    max_act = stats.get("max_act")
-    if max_act is None or tuple(max_act.shape) != (d_sae,):
-        raise SAEFormatError(path, f"feature statistics need a 'max_act' tensor of shape ({d_sae},)")
-    return max_act.float()
-
-
-def save_sae(
-    path: str | Path,
-    cfg: dict,
-    weights: dict[str, torch.Tensor],
-    max_act: torch.Tensor | None = None,
-) -> Path:
-    """Write an SAE directory in SAELens's format (used by tests and by the SAE builder)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, path / WEIGHTS_FILE)
-    if max_act is not None:
-        save_file({"max_act": max_act.contiguous()}, path / STATISTICS_FILE)
-    return path

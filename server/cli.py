@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from features.sae import DEFAULT_SAE, WEIGHTS_FILE
+from features.formats import DEFAULT_SAE, READERS, WEIGHTS_FILE
 from server.limits import DEFAULT_MAX_BODY, MAX_BODY_ENV
 from steering.spec import SteeringLimits
 
@@ -29,7 +29,7 @@ LIMITS = SteeringLimits()  # the defaults of the limit flags
 def _sae_arg(value: str) -> tuple[str, str]:
     sae_id, sep, path = value.partition("=")
     if not sep or not sae_id or not path:
-        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected ID=[FORMAT:]PATH[@LAYER], got {value!r}")
     return sae_id, path
 
 
@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model with per-request steering")
     serve.add_argument("--model", help="local Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the model directory's name)")
-    serve.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH", help="SAE in SAELens format")
+    serve.add_argument(
+        "--sae", action="append", type=_sae_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]",
+        help=f"an SAE; FORMAT (one of {', '.join(READERS)}) is worked out from PATH unless given; LAYER where the files name none",
+    )  # fmt: skip
     serve.add_argument(
         "--no-default-sae", action="store_true", help="with the default model, do not load its default SAE as 'default'"
     )
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = presets.add_parser("check", help="validate a presets file against a model and its SAEs")
     check.add_argument("file")
     check.add_argument("--model", help="model the presets must name (default: the embedded default)")
-    check.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=PATH")
+    check.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]")
     add_limit_flags(check)
     presets.add_parser("show", help="print a presets file as JSON").add_argument("file")
     diff = presets.add_parser("diff", help="what differs between two presets files")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from core.local import MODEL_NAME
-from features.sae import SAEFormatError, load_sae
+from features.formats import load_sae
+from features.sae import SAEFormatError
 from server.cli import limits_of
 from server.presets import Preset, PresetsError, parse_presets
 

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from features.sae import SAE, SAEFormatError, load_sae
+from features.formats import load_sae
+from features.sae import SAE, SAEFormatError
 from server.policy import Policy, PolicyError
 from server.presets import PresetsError, parse_presets
 from server.settings import APISettings
@@ -32,12 +33,12 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
             sae = load_sae(sae_id, path)
         except SAEFormatError as exc:
             raise StartupError(f"--sae {sae_id}: {exc}") from exc
-        cfg_file = Path(path) / "cfg.json"
+        cfg_file = sae.files[0]  # its config, or its one file
         if sae.cfg.d_in != hidden:
             raise StartupError(f"{cfg_file}: d_in {sae.cfg.d_in} does not match the model's hidden size {hidden}")
         if not 0 <= sae.cfg.layer < layers:
             raise StartupError(f"{cfg_file}: hook {sae.cfg.hook_name!r} names layer {sae.cfg.layer}; the model has {layers}")
-        entries.append(sae_entry(sae_id, path))
+        entries.append(sae_entry(sae))
         saes[sae_id] = sae
     settings = EngineSettings(
         saes=entries,

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from pydantic import BaseModel
 
 from core.local import file_sha256
-from features.sae import ARCHITECTURES, CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE
+from features.sae import ARCHITECTURES, SAE
 from steering.spec import (
     ResolvedCondition,
     ResolvedFeature,
@@ -168,7 +168,7 @@ class ReadoutBatch(BaseModel):
 
 class SAEEntry(BaseModel):
     id: str
-    path: str
+    source: str  # what loads it: features/formats.py's `FORMAT:PATH[@LAYER]`, the path absolute
     digest: str  # of the SAE's files: a changed SAE is a changed graph key
 
 
@@ -203,10 +203,8 @@ class EngineSettings(BaseModel):
         return cls.model_validate(raw) if raw else None
 
 
-def sae_entry(sae_id: str, path: str | Path) -> SAEEntry:
-    path = Path(path).resolve()
-    digest = file_sha256(*(path / f for f in (CONFIG_FILE, WEIGHTS_FILE, STATISTICS_FILE)))
-    return SAEEntry(id=sae_id, path=str(path), digest=digest[:16])
+def sae_entry(sae: SAE) -> SAEEntry:
+    return SAEEntry(id=sae.id, source=sae.source, digest=file_sha256(*sae.files)[:16])
 
 
 def traced_files() -> list[Path]:

@@ -38,7 +38,7 @@ import zmq
 from torch import nn
 
 from core import vllm_internals
-from features.sae import load_sae
+from features.formats import load_sae
 from steering import wire
 from steering.hook import ReadoutSpan, SAESteering, StepRouting, TokenIndex, table_bytes
 from steering.wire import CONFIG_KEY, READOUT_KEY, EngineSettings, ReadoutBatch, ReadoutRequest
@@ -60,7 +60,7 @@ class Steerer:
         device: torch.device,
         send: Callable[[str, ReadoutBatch], None] | None = None,
     ):
-        """`saes`: (id, path) each; `rows` table rows per SAE (row 0: unsteered); `width` features
+        """`saes`: (id, source) each (features/formats.py); `rows` table rows per SAE (row 0: unsteered); `width` features
         per SAE per request; `send(address, batch)` delivers a readout (None: on tensor-parallel
         ranks past 0, which watch as rank 0 does, so that all stop alike, but send nothing)."""
         self.rows = rows
@@ -267,7 +267,7 @@ def _on_load(runner: Any) -> None:
     settings = EngineSettings.from_additional_config(vllm_internals.additional_config(runner))
     runner._steerer = None
     if settings is not None:
-        saes = [(entry.id, entry.path) for entry in settings.saes]
+        saes = [(entry.id, entry.source) for entry in settings.saes]
         send = ReadoutSender().send if vllm_internals.tensor_parallel_rank() == 0 else None
         runner._steerer = Steerer(runner.model, saes, settings.rows, settings.width, runner.max_num_tokens, runner.device, send)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from core.local import ensure_default_model
-from features.sae import SAE, load_sae
+from features.formats import load_sae
+from features.sae import SAE
 from tests.saes import build_sae, residuals
 
 # id -> (layer, architecture, input normalisation, has statistics)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from features.sae import SAE, load_sae, save_sae
+from features.formats import load_sae, save_sae
+from features.sae import SAE
 
 TEXTS = [
     "The Golden Gate Bridge is a suspension bridge spanning the strait in San Francisco.",

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from features.catalogue import Catalogue
-from features.sae import DEFAULT_SAE
+from features.formats import DEFAULT_SAE
 from tests.serving import ADMIN
 
 

@@ -24,7 +24,7 @@ from openai import OpenAI
 
 from benchmarks.soak import engine_metrics
 from core.local import Server, stop_server
-from features.sae import save_sae
+from features.formats import save_sae
 from tests.helpers import chat_prompt_ids, in_one_batch
 from tests.pacing import paced
 from tests.serving import PREFILL_CHUNK, start_side_server

@@ -58,7 +58,7 @@ def test_the_digest_covers_every_traced_function():
     traced = [SAESteering.forward, SAESteering.delta, SAESteering.steer_spans, _steer_layer_output]
     traced += [kernels.for_model, *kernels.TORCH, triton_kernels.shrink, triton_kernels.expand]
     for cls in ARCHITECTURES.values():
-        traced += [cls.input_scale, cls.sae_in, cls.activation, cls.selected_activations]
+        traced += [cls.input_norm, cls.sae_in, cls.activation, cls.selected_activations]
     files = {str(path) for path in traced_files()}
     uncovered = [fn.__qualname__ for fn in traced if fn.__code__.co_filename not in files]
     assert not uncovered, uncovered
@@ -77,8 +77,8 @@ def test_changing_a_traced_function_gives_a_new_cache_entry(model_dir, jr, tmp_p
     assert code_digest(copies) == base.code_digest
     sae_file = next(c for c in copies if c.name.endswith("-sae.py"))
     source = sae_file.read_text()
-    assert "return pre * (pre > params[\"threshold\"])" in source
-    sae_file.write_text(source.replace('return pre * (pre > params["threshold"])', 'return pre * (pre >= params["threshold"])'))
+    assert 'return torch.relu(pre) * (pre > params["threshold"])' in source
+    sae_file.write_text(source.replace('torch.relu(pre) * (pre > params["threshold"])', 'torch.relu(pre) * (pre >= params["threshold"])'))
     edited = base.model_copy(update={"code_digest": code_digest(copies)})
     assert edited.code_digest != base.code_digest
     assert _compile_key(edited) != _compile_key(base), "hook code"

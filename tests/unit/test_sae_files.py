@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from features.sae import SAEFormatError, load_sae
+from features.formats import load_sae
+from features.sae import SAEFormatError
 from server.cli import build_parser
 from server.startup import StartupError, steering_settings
 from tests.saes import make_sae
@@ -22,10 +23,12 @@ def _corrupt(path, **changes):
 @pytest.mark.parametrize(
     "changes, problem",
     [
-        ({"hook_name": "blocks.3.attn.hook_z"}, "unknown hook"),
+        ({"hook_name": "blocks.3.attn.hook_z"}, "'blocks.3.attn.hook_z' is an attention output"),
+        ({"hook_name": "blocks.3.hook_mlp_out"}, "'blocks.3.hook_mlp_out' is an MLP output"),
+        ({"hook_name": "blocks.0.hook_resid_pre"}, "the embeddings"),
         ({"architecture": "gated"}, "architecture 'gated'"),
         ({"d_sae": 21}, "has shape"),
-        ({"normalize_activations": "layer_norm"}, "normalize_activations"),
+        ({"normalize_activations": "batch_norm"}, "normalize_activations 'batch_norm'"),
     ],
 )
 def test_bad_config_is_named(tmp_path, changes, problem):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from features.sae import load_sae, save_sae
+from features.formats import load_sae, save_sae
 from features.train import BatchTopKSAE, SparseStep, TrainConfig, Trainer, batch_topk
 
 

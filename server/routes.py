@@ -158,6 +158,7 @@ async def list_saes(raw_request: Request) -> dict:
                 "d_in": sae.cfg.d_in,
                 "d_sae": sae.cfg.d_sae,
                 "architecture": sae.architecture,
+                "format": sae.source.partition(":")[0],  # the files it came from (features/formats.py)
                 "has_statistics": sae.has_statistics,
                 "has_catalogue": sae.id in state.catalogues,
             }

@@ -47,12 +47,16 @@ def _activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         factor = math.sqrt(cfg.d_in) / x.norm(dim=-1, keepdim=True)
     elif cfg.normalize_activations == "expected_average_only_in":
         factor = torch.full((x.shape[0], 1), cfg.norm_scaling_factor)
+    elif cfg.normalize_activations == "layer_norm":
+        centred = x - x.mean(dim=-1, keepdim=True)
+        factor = 1 / (centred.std(dim=-1, keepdim=True) + 1e-5)
+        x = centred  # the mean shifts the input only: a delta is divided by the factor alone
     else:
         factor = torch.ones(x.shape[0], 1)
     xin = x * factor - (sae.b_dec if cfg.apply_b_dec_to_input else 0)
     pre = xin @ sae.W_enc + sae.b_enc
     if cfg.architecture == "jumprelu":
-        f = torch.where(pre > sae.params["threshold"], pre, torch.zeros_like(pre))
+        f = torch.where(pre > sae.params["threshold"], pre.clamp_min(0), torch.zeros_like(pre))
     elif cfg.architecture == "topk":
         f = torch.zeros_like(pre)
         values, indices = pre.topk(cfg.k, dim=-1)

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 from core.local import ensure_default_model, file_sha256, home
 from features import activations, catalogue, corpus, quality
-from features.formats import CONFIG_FILE, DEFAULT_SAE, STATISTICS_FILE, WEIGHTS_FILE, load_sae
+from features.describe import statistics, write_description
+from features.formats import CONFIG_FILE, DEFAULT_SAE, WEIGHTS_FILE, load_sae
 from features.residuals import ResidualReader
 from features.train import TrainConfig, Trainer, save_history_plot, write_json
 
@@ -108,21 +109,7 @@ class Build:
     def catalogue(self, acts: np.ndarray, reader: ResidualReader, sink_norm: float) -> catalogue.Statistics:
         sae = load_sae("default", self.out)
         stats = self._statistics(sae, acts, sink_norm)
-        save_file(
-            {"max_act": stats.max_act, "density": stats.density.float(),
-             "mean_act": stats.total / stats.fires.clamp_min(1), "quantiles": stats.quantiles()},
-            self.out / STATISTICS_FILE,
-            # One key: safetensors writes a metadata map in no fixed order, and the file must be byte-identical per build.
-            metadata={"statistics": json.dumps(
-                {"quantiles": catalogue.QUANTILES, "tokens": stats.tokens, "sinks_left_out": stats.sinks}, sort_keys=True
-            )},
-        )  # fmt: skip
-        from transformers import AutoModelForCausalLM
-
-        lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        promoted, suppressed = catalogue.logit_lens(sae, lm.get_output_embeddings().weight.detach(), lm.model.norm.weight.detach())
-        cards = catalogue.build_cards(stats, reader.tokenizer, self.tokens("train"), activations.token_of_row, promoted, suppressed)
-        catalogue.save_catalogue(self.out / catalogue.CATALOGUE_FILE, cards)
+        write_description(sae, self.tokens("train"), reader.tokenizer, self.model_dir, self.out, stats)
         return stats
 
     def _statistics(self, sae, acts: np.ndarray, sink_norm: float) -> catalogue.Statistics:
@@ -130,13 +117,7 @@ class Build:
         cached = self.work / f"statistics-{file_sha256(self.out / WEIGHTS_FILE)[:16]}-sink{sink_norm:.0f}.pt"
         if cached.exists():
             return catalogue.Statistics(**torch.load(cached))
-        batch = 4096
-
-        def batches():
-            for start in range(0, len(acts), batch):
-                yield activations.as_float(acts[start : start + batch])
-
-        stats = catalogue.gather_statistics(sae, batches, len(acts), batch, sink_norm)
+        stats = statistics(sae, acts, sink_norm)
         torch.save(vars(stats), cached)
         return stats
 

@@ -45,7 +45,7 @@ from features.sae import ARCHITECTURES, NORMALIZATIONS, SAE, SAEConfig, SAEForma
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-STATISTICS_FILE = "feature_statistics.safetensors"  # ours: per-feature max_act, beside any format
+STATISTICS_FILE = "feature_statistics.safetensors"  # ours: per-feature max_act, in any format's `description_dir`
 DEFAULT_SAE = Path(__file__).parent / "default"  # the default model's own SAE (python -m features.build)
 
 Weights = dict[str, torch.Tensor]
@@ -60,9 +60,9 @@ def load_sae(sae_id: str, source: str | Path) -> SAE:
     cls = ARCHITECTURES[cfg.architecture]
     cls.check_config(cfg, files[0])
     _check_weights(files[-1], cfg, cls, weights)
-    # Statistics (features/build.py) live in the SAE's directory; a single file has none.
-    max_act = _load_max_act(path / STATISTICS_FILE, cfg.d_sae) if path.is_dir() else None
-    files = (*files, path / STATISTICS_FILE) if max_act is not None else files
+    stats = description_dir(path) / STATISTICS_FILE
+    max_act = _load_max_act(stats, cfg.d_sae)
+    files = (*files, stats) if max_act is not None else files
     canonical = f"{fmt}:{path.resolve()}" + (f"@{layer}" if layer is not None else "")
     return cls(sae_id, path, cfg, weights, max_act, source=canonical, files=files)
 
@@ -97,6 +97,12 @@ def detect(path: Path) -> str:
             return "openai"
         raise SAEFormatError(path, f"a torch state dict of unknown layout (keys {sorted(keys)[:8]}); name the format")
     raise SAEFormatError(path, f"cannot tell the SAE format of this file; name one of {sorted(READERS)} as FORMAT:PATH")
+
+
+def description_dir(path: Path) -> Path:
+    """Where an SAE's statistics and catalogue live (features/describe.py): its directory, or
+    beside a single file, `<file>.features/`."""
+    return path if path.is_dir() else path.with_name(path.name + ".features")
 
 
 def save_sae(path: str | Path, cfg: dict, weights: Weights, max_act: torch.Tensor | None = None) -> Path:

@@ -26,10 +26,10 @@ SMALL_CPU = 4  # below this many cores, vLLM's reserved core costs too much of t
 LIMITS = SteeringLimits()  # the defaults of the limit flags
 
 
-def _sae_arg(value: str) -> tuple[str, str]:
+def _id_arg(value: str) -> tuple[str, str]:
     sae_id, sep, path = value.partition("=")
     if not sep or not sae_id or not path:
-        raise argparse.ArgumentTypeError(f"expected ID=[FORMAT:]PATH[@LAYER], got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected ID=SOURCE, got {value!r}")
     return sae_id, path
 
 
@@ -45,13 +45,16 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         "--max-readout-features", type=int, default=LIMITS.max_readout_features, help="cap on features listed in a readout"
     )
     parser.add_argument("--max-monitors", type=int, default=LIMITS.max_monitors, help="monitors per request, attached ones included")
+    parser.add_argument(
+        "--max-inline-vectors", type=int, default=LIMITS.max_inline_vectors, help="vectors a request may give as numbers (0: none)"
+    )
 
 
 def limits_of(args: argparse.Namespace) -> SteeringLimits:
     return SteeringLimits(
         max_features=args.max_features, max_features_per_sae=args.max_features_per_sae, max_strength=args.max_strength,
         max_readout_top_k=args.max_readout_top_k, max_readout_features=args.max_readout_features,
-        max_monitors=args.max_monitors,
+        max_monitors=args.max_monitors, max_inline_vectors=args.max_inline_vectors,
     )  # fmt: skip
 
 
@@ -62,8 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="local Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the model directory's name)")
     serve.add_argument(
-        "--sae", action="append", type=_sae_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]",
+        "--sae", action="append", type=_id_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]",
         help=f"an SAE; FORMAT (one of {', '.join(READERS)}) is worked out from PATH unless given; LAYER where the files name none",
+    )  # fmt: skip
+    serve.add_argument(
+        "--vector", action="append", type=_id_arg, default=[], metavar="ID=PATH[@LAYER]",
+        help="a steering vector: a GGUF control vector, or a .safetensors/.pt/.npy direction (LAYER where the file names none)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--inline-vector-layers", metavar="LAYERS",
+        help="where requests may steer with vectors of their own: 'all', 'none', or layers like '8-12,15' "
+        "(default: every layer with a loaded SAE or vector); each costs a small table and a hook",
     )  # fmt: skip
     serve.add_argument(
         "--no-default-sae", action="store_true", help="with the default model, do not load its default SAE as 'default'"
@@ -112,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = presets.add_parser("check", help="validate a presets file against a model and its SAEs")
     check.add_argument("file")
     check.add_argument("--model", help="model the presets must name (default: the embedded default)")
-    check.add_argument("--sae", action="append", type=_sae_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]")
+    check.add_argument("--sae", action="append", type=_id_arg, default=[], metavar="ID=[FORMAT:]PATH[@LAYER]")
+    check.add_argument("--vector", action="append", type=_id_arg, default=[], metavar="ID=PATH[@LAYER]")
     add_limit_flags(check)
     presets.add_parser("show", help="print a presets file as JSON").add_argument("file")
     diff = presets.add_parser("diff", help="what differs between two presets files")
@@ -128,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = features.add_parser("show", help="one feature's card")
     show.add_argument("index", type=int)
     for sub in (search, show):
-        sub.add_argument("--sae", default=str(DEFAULT_SAE), help="SAE directory (default: the default SAE)")
+        sub.add_argument("--sae", default=str(DEFAULT_SAE), help="an SAE's source, or its catalogue's directory (default: the default SAE)")
+    build = features.add_parser("build", help="statistics (for unit max_act) and a catalogue, for an SAE that came without them")
+    build.add_argument("--sae", required=True, type=_id_arg, metavar="ID=[FORMAT:]PATH[@LAYER]")
+    build.add_argument("--model", help="the model it reads (default: the embedded default)")
+    build.add_argument("--text", action="append", default=[], metavar="FILE", help="text to run through the model (default: the default SAE's chats)")
+    build.add_argument("--max-tokens", type=int, default=250_000, help="tokens of text to read")
+    build.add_argument("--out", help="where to write (default: the SAE's directory, or <file>.features/ beside a single file)")
+    build.add_argument("--work", help="the activation cache (default: under ~/.steerserve)")
     return parser
 
 
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.action == "check" and not args.model:
             add_default_sae(args)
         sys.exit(run(args))
+    elif args.command == "features" and args.action == "build":
+        from features.describe import build_command
+
+        sys.exit(build_command(args))
     elif args.command == "features":
         from server.features_cli import run
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import textwrap
-from pathlib import Path
 
 from features.catalogue import Catalogue
+from features.formats import description_dir, parse_source
 
 
 def run(args: argparse.Namespace) -> int:
-    catalogue = Catalogue.load(Path(args.sae))
+    catalogue = Catalogue.load(description_dir(parse_source(args.sae)[1]))
     if catalogue is None:
         print(f"steerserve: {args.sae} has no feature catalogue")
         return 2

@@ -10,6 +10,7 @@ from pathlib import Path
 from core.local import MODEL_NAME
 from features.formats import load_sae
 from features.sae import SAEFormatError
+from features.vectors import direction_saes, load_vector
 from server.cli import limits_of
 from server.presets import Preset, PresetsError, parse_presets
 
@@ -18,6 +19,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "check":
             saes = {sae_id: load_sae(sae_id, path) for sae_id, path in args.sae}
+            vectors = {vector_id: load_vector(vector_id, path) for vector_id, path in args.vector}
+            if vectors:  # checked as a server would take them, without inline vectors
+                d_in = next(len(d) for v in vectors.values() for d in v.directions.values())
+                saes |= direction_saes(vectors, d_in)
             presets = parse_presets(Path(args.file), saes, {args.model or MODEL_NAME}, limits_of(args))
             for preset in presets.values():
                 print(f"ok  {preset.name:24} {len(preset.features):3} feature(s)  {preset.description}")

@@ -25,6 +25,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.models.api_router import show_available_models as vllm_models
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
+from features.vectors import DirectionSAE
 from server import metrics
 from server.auth import caller
 from server.errors import openai_error
@@ -145,7 +146,7 @@ async def get_preset(name: str, raw_request: Request) -> dict | JSONResponse:
 @router.get("/v1/saes")
 async def list_saes(raw_request: Request) -> dict:
     state = steering_state(raw_request)
-    saes = state.saes.values()
+    saes = [sae for sae in state.saes.values() if not isinstance(sae, DirectionSAE)]
     return {
         "object": "list",
         "data": [
@@ -165,6 +166,23 @@ async def list_saes(raw_request: Request) -> dict:
             for sae in saes
         ],
     }
+
+
+@router.get("/v1/vectors")
+async def list_vectors(raw_request: Request) -> dict:
+    """The loaded steering vectors: where each has a direction, and its norm there."""
+    layers: dict[str, dict[int, float]] = {}
+    for sae in steering_state(raw_request).saes.values():
+        if isinstance(sae, DirectionSAE):
+            for vector, j in sae.vectors.items():
+                layers.setdefault(vector, {})[sae.cfg.layer] = round(float(sae.W_dec[2 * j].norm()), 6)
+    return {
+        "object": "list",
+        "data": [
+            {"id": vector, "object": "vector", "owned_by": "steerserve", "layers": sorted(norms), "norms": {str(k): v for k, v in sorted(norms.items())}}
+            for vector, norms in sorted(layers.items())
+        ],
+    }  # fmt: skip
 
 
 async def _serve(

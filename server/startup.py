@@ -8,10 +8,11 @@ from pathlib import Path
 
 from features.formats import load_sae
 from features.sae import SAE, SAEFormatError
+from features.vectors import PREFIX, direction_saes, load_vector
 from server.policy import Policy, PolicyError
 from server.presets import PresetsError, parse_presets
 from server.settings import APISettings
-from steering.wire import EngineSettings, code_digest, sae_entry
+from steering.wire import EngineSettings, code_digest, source_entry
 
 
 class StartupError(RuntimeError):
@@ -27,8 +28,8 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     entries, saes = [], {}
     for sae_id, path in args.sae:
-        if any(e.id == sae_id for e in entries):
-            raise StartupError(f"--sae {sae_id}={path}: SAE id {sae_id!r} is given twice")
+        if PREFIX in sae_id or any(e.id == sae_id for e in entries):
+            raise StartupError(f"--sae {sae_id}={path}: SAE id {sae_id!r} is given twice, or holds the reserved {PREFIX!r}")
         try:
             sae = load_sae(sae_id, path)
         except SAEFormatError as exc:
@@ -38,10 +39,30 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
             raise StartupError(f"{cfg_file}: d_in {sae.cfg.d_in} does not match the model's hidden size {hidden}")
         if not 0 <= sae.cfg.layer < layers:
             raise StartupError(f"{cfg_file}: hook {sae.cfg.hook_name!r} names layer {sae.cfg.layer}; the model has {layers}")
-        entries.append(sae_entry(sae))
+        entries.append(source_entry(sae))
         saes[sae_id] = sae
+    vectors, loaded = [], {}
+    for vector_id, source in getattr(args, "vector", []):
+        if any(e.id == vector_id for e in vectors):
+            raise StartupError(f"--vector {vector_id}={source}: vector id {vector_id!r} is given twice")
+        try:
+            vector = load_vector(vector_id, source)
+        except SAEFormatError as exc:
+            raise StartupError(f"--vector {vector_id}: {exc}") from exc
+        for layer, direction in vector.directions.items():
+            if len(direction) != hidden:
+                raise StartupError(f"{vector.files[0]}: the direction at layer {layer} has {len(direction)} numbers; the model's hidden size is {hidden}")
+            if not 0 <= layer < layers:
+                raise StartupError(f"{vector.files[0]}: a direction at layer {layer}; the model has {layers}")
+        vectors.append(source_entry(vector))
+        loaded[vector_id] = vector
+    named = {sae.cfg.layer for sae in saes.values()} | {layer for v in loaded.values() for layer in v.directions}
     settings = EngineSettings(
         saes=entries,
+        vectors=vectors,
+        hidden_size=hidden,
+        inline_vector_layers=_layers(getattr(args, "inline_vector_layers", None), layers, named),
+        max_inline_vectors=args.max_inline_vectors,
         max_steered_requests=args.max_steered_requests,
         # Row 0 means "unsteered"; rows of finished requests are freed one engine step after
         # the API server releases them, hence the max_num_seqs of slack.
@@ -54,7 +75,22 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
         max_monitors=args.max_monitors,
         code_digest=code_digest(),
     )
-    return settings, saes
+    return settings, saes | direction_saes(loaded, hidden, settings.max_inline_vectors, settings.inline_vector_layers)
+
+
+def _layers(value: str | None, layers: int, default: set[int]) -> list[int]:
+    """`--inline-vector-layers`: 'all', 'none', or 'A-B,C,...' (each below `layers`); `default` if not given."""
+    if value is None:
+        return sorted(default)
+    if value in ("all", "none"):
+        return list(range(layers)) if value == "all" else []
+    chosen: set[int] = set()
+    for part in value.split(","):
+        first, _, last = part.strip().partition("-")
+        if not (first.isdigit() and (not last or last.isdigit())) or int(last or first) < int(first) or int(last or first) >= layers:
+            raise StartupError(f"--inline-vector-layers {value!r}: expected 'all', 'none' or layers like '8-12,15', each below {layers}")
+        chosen.update(range(int(first), int(last or first) + 1))
+    return sorted(chosen)
 
 
 def api_settings(args: argparse.Namespace, settings: EngineSettings, saes: dict[str, SAE], model: str) -> APISettings:

@@ -12,7 +12,7 @@ from prometheus_client import Gauge
 from vllm.platforms import current_platform
 
 from features.catalogue import Catalogue
-from features.formats import load_sae
+from features.formats import description_dir
 from features.residuals import ResidualReader
 from features.sae import SAE
 from server.policy import KeyPolicy, Policy, authorize, authorize_steering
@@ -90,8 +90,8 @@ class SteeringState:
     ):
         self.settings = settings
         self.api = api
-        self.saes: dict[str, SAE] = {e.id: load_sae(e.id, e.source) for e in settings.saes}
-        self.catalogues = {i: c for i, sae in self.saes.items() if sae.path.is_dir() and (c := Catalogue.load(sae.path)) is not None}
+        self.saes: dict[str, SAE] = settings.load_saes()  # with the vectors' DirectionSAEs
+        self.catalogues = {i: c for i, sae in self.saes.items() if (c := Catalogue.load(description_dir(sae.path))) is not None}
         self.model_dir = model_dir
         self._readers: dict[int, ResidualReader] = {}
         self._readers_lock = threading.Lock()

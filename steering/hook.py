@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -172,13 +173,17 @@ class SAESteering(nn.Module):
 
     @torch.no_grad()
     def set_row(
-        self, row: int, features: list[tuple[int, float, float] | tuple[int, float, float, Gate]],
+        self, row: int, features: list[tuple[int, float, float] | tuple[int, float, float, Gate] | tuple[int, float, float, Gate, float]],
         conditions: list[tuple[int, int, float, bool]] = (),  # type: ignore[assignment]
+        vectors: Sequence[torch.Tensor] = (),
     ) -> None:  # fmt: skip
-        """Write one request's features (index, c0, c1[, gate]) into table row `row`, then its
-        conditions at this SAE (gate column, index, above, sticky) as features that steer nothing."""
+        """Write one request's features (index, c0, c1[, gate[, bias added to its pre-activation]])
+        into table row `row`, then its conditions at this SAE (gate column, index, above, sticky) as
+        features that steer nothing. A negative index names one of the request's own `vectors`
+        (features/vectors.py's DirectionSAE), whose values are written directly."""
         width = self.c0.shape[1]
         slots = [(f[0], f[1], f[2], f[3] if len(f) > 3 else OPEN) for f in features]  # type: ignore[misc]
+        biases = [f[4] if len(f) > 4 else 0.0 for f in features]  # type: ignore[misc]
         slots += [(index, 0.0, 0.0, OPEN) for _, index, _, _ in conditions]
         assert len(slots) <= width, "the server caps features and conditions per SAE at the table width"
         for name in self.table_names:
@@ -187,14 +192,22 @@ class SAESteering(nn.Module):
         self.gated[row] = bool(conditions) or any(gate != OPEN for *_, gate in slots)
         if not slots:
             return
-        idx = torch.tensor([i for i, _, _, _ in slots], dtype=torch.long)
         n, sae, device = len(slots), self.sae, self.enc.device
-        self.feature[row, :n] = idx.to(device)
-        self.enc[row, :n] = sae.W_enc[:, idx].T.to(device)
-        self.enc_bias[row, :n] = sae.b_enc[idx].to(device)
-        for name, values in sae.params.items():
-            getattr(self, name)[row, :n] = values[idx].to(device)
-        self.dec[row, :n] = sae.W_dec[idx].to(device)
+        indices = [i for i, _, _, _ in slots]
+        enc, dec = torch.zeros(n, self.cfg.d_in), torch.zeros(n, self.cfg.d_in)
+        enc_bias, params = torch.tensor(biases + [0.0] * (n - len(biases))), {name: torch.zeros(n) for name in sae.params}
+        if known := [s for s, i in enumerate(indices) if i >= 0]:
+            idx = torch.tensor([indices[s] for s in known], dtype=torch.long)
+            enc[known], dec[known] = sae.W_enc[:, idx].T, sae.W_dec[idx]
+            enc_bias[known] += sae.b_enc[idx]
+            for name, values in sae.params.items():
+                params[name][known] = values[idx]
+        for s in (s for s, i in enumerate(indices) if i < 0):
+            enc[s], dec[s], params["linear"][s] = sae.inline_slot(indices[s], vectors)  # type: ignore[attr-defined]
+        self.feature[row, :n] = torch.tensor(indices, dtype=torch.long, device=device)
+        self.enc[row, :n], self.dec[row, :n], self.enc_bias[row, :n] = enc.to(device), dec.to(device), enc_bias.to(device)
+        for name, values in params.items():
+            getattr(self, name)[row, :n] = values.to(device)
         self.c0[row, :n] = torch.tensor([c0 for _, c0, _, _ in slots], device=device)
         self.c1[row, :n] = torch.tensor([c1 for _, _, c1, _ in slots], device=device)
         gates = [gate for *_, gate in slots]

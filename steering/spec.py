@@ -9,7 +9,9 @@ feature i and d_i its decoder row:
     scale   c0 = 0, c1 = s - 1   x + (s-1)*f_i(x)*d_i
 
 so the worker needs only (sae, index, c0, c1) per feature; units and the request-level
-`scale` are folded into s here, on the server, where the SAE statistics live.
+`scale` are folded into s here, on the server, where the SAE statistics live. A steering vector
+(loaded, or given inline as numbers) is a feature of its layer's DirectionSAE, whose projection
+modes (ablate, clamp, cap) take the same form (features/vectors.py).
 
 `prompt_scale` multiplies the whole delta on the prompt's tokens (chat history and template
 included) and leaves the tokens the model writes as they are: 0 steers only what the model
@@ -40,8 +42,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.sae import SAE
+from features.vectors import PREFIX, DirectionSAE
 
-Mode = Literal["add", "clamp", "ablate", "scale"]
+Mode = Literal["add", "clamp", "ablate", "scale", "cap"]
 Unit = Literal["raw", "max_act", "norm"]
 Scope = Literal["prompt", "completion", "all"]
 Tokens = Literal["all", "prompt", "completion"]
@@ -50,6 +53,8 @@ MAX_CONDITIONS = 8
 # The largest first_n or after_n: past any context length, and exact as the worker's float32.
 MAX_WINDOW = 1 << 24
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+INLINE_LENGTH = (1e-6, 1e15)  # an inline vector's: its direction is taken in float32
+Layer = Annotated[int, Field(ge=0, le=1 << 16, strict=True)]  # past any model's depth
 
 
 class Condition(BaseModel):
@@ -67,12 +72,19 @@ class Condition(BaseModel):
 
 
 class FeatureIntervention(BaseModel):
-    """One feature to steer, in the form requests and preset files both use."""
+    """One feature, or one loaded steering vector, to steer, in the form requests and preset files both use."""
 
     model_config = ConfigDict(extra="forbid")
 
-    sae: str = Field(description="id of a server-loaded SAE (see GET /v1/saes)")
-    index: Annotated[int, Field(ge=0, strict=True)] = Field(description="feature index in the SAE")
+    sae: str | None = Field(default=None, description="id of a server-loaded SAE (see GET /v1/saes); with `index`")
+    index: Annotated[int, Field(ge=0, strict=True)] | None = Field(default=None, description="feature index in the SAE")
+    vector: str | list[FiniteFloat] | None = Field(
+        default=None, description="instead of sae and index: a loaded steering vector's id (see GET /v1/vectors), or d_in numbers"
+    )
+    layer: Layer | None = Field(default=None, description="a vector: the layer to steer, as layers [layer, layer]")
+    layers: tuple[Layer, Layer] | None = Field(
+        default=None, description="a vector: the layers a..b (inclusive) to steer; a loaded vector steers its own direction at each"
+    )
     mode: Mode = "add"
     strength: FiniteFloat = 0.0
     unit: Unit = "raw"
@@ -130,6 +142,7 @@ class SteeringLimits:
     max_readout_top_k: int = 32
     max_readout_features: int = 64
     max_monitors: int = 16
+    max_inline_vectors: int = 4
 
 
 class SteeringError(ValueError):
@@ -163,6 +176,17 @@ class ResolvedFeature:
     tokens: Tokens = "all"
     after_n: int = 0
     first_n: int | None = None
+    vector: str | None = None  # a loaded vector's id; `sae` is then its layer's DirectionSAE
+    inline: int | None = None  # or the request's own vector k (`index` -(2k + 1) or -(2k + 2))
+    bias: float = 0.0  # added to the feature's pre-activation (a vector's cap: -c)
+
+    def target(self) -> dict:
+        """What it steers, as a response echoes it."""
+        if self.vector is not None:
+            return {"vector": self.vector, "layer": int(self.sae.removeprefix(PREFIX))}
+        if self.inline is not None:
+            return {"inline_vector": self.inline, "layer": int(self.sae.removeprefix(PREFIX))}
+        return {"sae": self.sae, "index": self.index}
 
     def gating(self) -> dict:
         """Its condition and window where they narrow it, as a response echoes them (raw units)."""
@@ -183,6 +207,7 @@ class ResolvedFeature:
 class ResolvedSteering:
     features: tuple[ResolvedFeature, ...]
     prompt_scale: float = 1.0
+    vectors: tuple[tuple[float, ...], ...] = ()  # the request's own (inline) vectors, in order
 
     def sticky(self) -> int | None:
         """The place of the first feature with a sticky condition, if any: its state needs every
@@ -204,7 +229,7 @@ class ResolvedSteering:
         """What the response reports back: the interventions as applied, in raw units."""
         return {
             "features": [
-                {"sae": f.sae, "index": f.index, "mode": f.mode, "strength": f.strength, "unit": "raw", **f.gating()}
+                {**f.target(), "mode": f.mode, "strength": f.strength, "unit": "raw", **f.gating()}
                 for f in self.features
             ],
             "prompt_scale": self.prompt_scale,
@@ -226,8 +251,8 @@ def resolve_readout(
 ) -> ResolvedReadout:
     """Check a readout spec against the loaded SAEs and limits. Raises SteeringError naming the field."""
     sae = saes.get(spec.sae)
-    if sae is None:
-        raise SteeringError("readout.sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {sorted(saes)}")
+    if sae is None or isinstance(sae, DirectionSAE):
+        raise SteeringError("readout.sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {_listed(saes)}")
     if spec.top_k > min(limits.max_readout_top_k, sae.cfg.d_sae):
         raise SteeringError("readout.top_k", f"top_k must be at most {min(limits.max_readout_top_k, sae.cfg.d_sae)}")
     if len(spec.features) > limits.max_readout_features:
@@ -262,8 +287,8 @@ def resolve_monitors(
     resolved = []
     for n, spec in enumerate(specs):
         sae = saes.get(spec.sae)
-        if sae is None:
-            raise SteeringError(f"{where}[{n}].sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {sorted(saes)}")
+        if sae is None or isinstance(sae, DirectionSAE):
+            raise SteeringError(f"{where}[{n}].sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {_listed(saes)}")
         if spec.index >= sae.cfg.d_sae:
             raise SteeringError(f"{where}[{n}].index", f"index {spec.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
         above = _threshold(spec.above, spec.unit, sae, spec.index, f"{where}[{n}]")
@@ -281,26 +306,23 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
             "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
         )
     seen: dict[tuple[str, int], int] = {}
-    resolved = []
+    resolved, inline = [], []
     for n, feature in enumerate(spec.features):
         where = f"steering.features[{n}]"
-        sae = saes.get(feature.sae)
-        if sae is None:
-            raise SteeringError(f"{where}.sae", f"unknown SAE {feature.sae!r}; loaded SAEs: {sorted(saes)}")
-        if feature.index >= sae.cfg.d_sae:
-            raise SteeringError(
-                f"{where}.index", f"index {feature.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}"
-            )
         if abs(feature.strength) > limits.max_strength:
             raise SteeringError(f"{where}.strength", f"|strength| must be at most {limits.max_strength}")
-        key = (feature.sae, feature.index)
-        if key in seen:
-            raise SteeringError(
-                where, f"feature {feature.sae}:{feature.index} is already steered by features[{seen[key]}]; give it once"
-            )
-        seen[key] = n
-        resolved.append(_resolve_one(feature, n, sae, saes, spec, limits))
-    steering = ResolvedSteering(tuple(resolved), spec.prompt_scale)
+        if isinstance(feature.vector, list):
+            if len(inline) == limits.max_inline_vectors:
+                raise SteeringError(f"{where}.vector", f"at most {limits.max_inline_vectors} inline vectors per request")
+            inline.append(tuple(feature.vector))
+        for sae, index, length in _targets(feature, where, saes, len(inline) - 1):
+            key = (sae.id, index)
+            if key in seen:
+                what = f"vector {feature.vector} at layer {sae.cfg.layer}" if isinstance(feature.vector, str) else f"feature {sae.id}:{index}"
+                raise SteeringError(where, f"{what} is already steered by features[{seen[key]}]; give it once")
+            seen[key] = n
+            resolved.append(_resolve_one(feature, n, sae, index, length, saes, spec, limits))
+    steering = ResolvedSteering(tuple(resolved), spec.prompt_scale, tuple(inline))
     conditions = steering.conditions()
     if len(conditions) > MAX_CONDITIONS:
         raise SteeringError("steering.features", f"at most {MAX_CONDITIONS} distinct `when` conditions per request, got {len(conditions)}")
@@ -316,9 +338,79 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
     return steering
 
 
+def _targets(feature: FeatureIntervention, where: str, saes: Mapping[str, SAE], k: int) -> list[tuple[SAE, int, float | None]]:
+    """The (SAE, feature index, vector length) triples an intervention steers: one SAE feature; or a
+    vector's projection feature (2j; cap: 2j + 1) at each layer it steers (features/vectors.py), or
+    for the request's inline vector `k` -(2k + 1) (cap: -(2k + 2))."""
+    if feature.vector is None:
+        if feature.sae is None or feature.index is None:
+            raise SteeringError(f"{where}.{'index' if feature.sae else 'sae'}", "give an SAE feature (sae and index) or a vector (vector)")
+        for field in ("layer", "layers"):
+            if getattr(feature, field) is not None:
+                raise SteeringError(f"{where}.{field}", f"{field} applies to vectors; an SAE feature steers at its SAE's layer")
+        if feature.mode == "cap":
+            raise SteeringError(f"{where}.mode", "mode 'cap' applies to vectors; an SAE feature takes add, clamp, ablate or scale")
+        sae = saes.get(feature.sae)
+        if sae is None or isinstance(sae, DirectionSAE):
+            raise SteeringError(f"{where}.sae", f"unknown SAE {feature.sae!r}; loaded SAEs: {_listed(saes)}")
+        if feature.index >= sae.cfg.d_sae:
+            raise SteeringError(f"{where}.index", f"index {feature.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
+        return [(sae, feature.index, None)]
+    if feature.sae is not None or feature.index is not None:
+        raise SteeringError(f"{where}.vector", "a vector replaces sae and index: give one or the other")
+    if feature.mode == "scale" or feature.unit == "max_act":
+        field, what = ("mode", "a vector's modes are add, ablate, clamp and cap") if feature.mode == "scale" else ("unit", "a vector's units are raw and norm")
+        raise SteeringError(f"{where}.{field}", what)
+    if feature.layer is not None and feature.layers is not None:
+        raise SteeringError(f"{where}.layer", "give layer or layers, not both")
+    span = (feature.layer, feature.layer) if feature.layer is not None else feature.layers
+    if span is not None and span[0] > span[1]:
+        raise SteeringError(f"{where}.layers", f"layers [{span[0]}, {span[1]}]: the first must not exceed the second")
+    directions = [sae for sae in saes.values() if isinstance(sae, DirectionSAE)]
+    cap = feature.mode == "cap"
+    if isinstance(feature.vector, list):
+        return _inline_targets(feature.vector, span, where, directions, k, cap)
+    found = [(sae, 2 * sae.vectors[feature.vector] + cap, float(sae.W_dec[2 * sae.vectors[feature.vector]].norm()))
+             for sae in directions if feature.vector in sae.vectors]  # fmt: skip
+    if not found:
+        raise SteeringError(f"{where}.vector", f"unknown vector {feature.vector!r}; loaded vectors: {sorted({v for sae in directions for v in sae.vectors})}")
+    if span is not None:
+        inside = [target for target in found if span[0] <= target[0].cfg.layer <= span[1]]
+        if not inside:
+            layers = [sae.cfg.layer for sae, _, _ in found]
+            raise SteeringError(f"{where}.{'layer' if feature.layer is not None else 'layers'}",
+                                f"vector {feature.vector!r} has directions at layers {layers}, none in {span[0]}..{span[1]}")  # fmt: skip
+        found = inside
+    return sorted(found, key=lambda target: target[0].cfg.layer)
+
+
+def _inline_targets(
+    vector: list[float], span: tuple[int, int] | None, where: str, directions: list[DirectionSAE], k: int, cap: bool
+) -> list[tuple[SAE, int, float]]:
+    """A request's own vector k at each layer of `span` (every one must take inline vectors)."""
+    taking = sorted(sae.cfg.layer for sae in directions if sae.inline)
+    if not taking:
+        raise SteeringError(f"{where}.vector", "this server takes no inline vectors (see --max-inline-vectors and --inline-vector-layers)")
+    if span is None:
+        raise SteeringError(f"{where}.layer", f"an inline vector needs a layer (or layers); this server takes them at layers {taking}")
+    missing = [layer for layer in range(span[0], span[1] + 1) if layer not in taking]
+    if missing:
+        raise SteeringError(f"{where}.layer" if span[0] == span[1] else f"{where}.layers",
+                            f"this server takes inline vectors at layers {taking} (--inline-vector-layers), not {missing}")  # fmt: skip
+    d_in = directions[0].cfg.d_in
+    if len(vector) != d_in:
+        raise SteeringError(f"{where}.vector", f"an inline vector has d_in = {d_in} numbers, got {len(vector)}")
+    length = math.sqrt(sum(v * v for v in vector))
+    if not INLINE_LENGTH[0] <= length <= INLINE_LENGTH[1]:  # the worker's float32 normalises it
+        raise SteeringError(f"{where}.vector", f"an inline vector's length must be between {INLINE_LENGTH[0]:g} and {INLINE_LENGTH[1]:g}")
+    return [(sae, -(2 * k + 1) - cap, length) for sae in directions if span[0] <= sae.cfg.layer <= span[1]]
+
+
 def _resolve_one(
-    feature: FeatureIntervention, n: int, sae: SAE, saes: Mapping[str, SAE], spec: SteeringSpec, limits: SteeringLimits
-) -> ResolvedFeature:
+    feature: FeatureIntervention, n: int, sae: SAE, index: int, length: float | None, saes: Mapping[str, SAE],
+    spec: SteeringSpec, limits: SteeringLimits,
+) -> ResolvedFeature:  # fmt: skip
+    """`length`: a vector's, whose feature decodes to the raw vector (None for an SAE feature)."""
     where = f"steering.features[{n}]"
     if feature.tokens == "prompt" and (feature.first_n is not None or feature.after_n):
         raise SteeringError(f"{where}.tokens", "first_n and after_n count generated tokens; with tokens 'prompt' none is steered")
@@ -345,34 +437,39 @@ def _resolve_one(
             raise SteeringError(
                 f"{where}.unit", f"SAE {sae.id!r} has no feature statistics, so unit 'max_act' is unavailable; use 'raw'"
             )
-        s *= float(sae.max_act[feature.index])
+        s *= float(sae.max_act[index])
     elif feature.unit == "norm":
         if feature.mode != "add":
             raise SteeringError(f"{where}.unit", "unit 'norm' applies to mode 'add' only; use 'raw' or 'max_act'")
-        norm = float(sae.W_dec[feature.index].norm())
+        norm = length if length is not None else float(sae.W_dec[index].norm())
         if not norm > 0:
             raise SteeringError(
-                f"{where}.unit", f"feature {feature.index} of SAE {sae.id!r} has no decoder direction; unit 'norm' is undefined"
+                f"{where}.unit", f"feature {index} of SAE {sae.id!r} has no decoder direction; unit 'norm' is undefined"
             )
         s /= norm
     if not math.isfinite(s):
         raise SteeringError(f"{where}.strength", "strength overflows once its unit and scale are applied")
+    # A vector's feature decodes to the raw vector v; its projection modes act along v / |v|.
+    inverse = 1.0 / length if length is not None else 1.0
     c0, c1 = {
         "add": (s, 0.0),
-        "clamp": (s, -1.0),
-        "ablate": (0.0, -1.0),
+        "clamp": (s * inverse, -inverse),
+        "ablate": (0.0, -inverse),
         "scale": (0.0, s - 1.0),
+        "cap": (0.0, -inverse),
     }[feature.mode]
     return ResolvedFeature(
-        sae=sae.id, index=feature.index, mode=feature.mode, unit=feature.unit, requested=requested, peak=peak,
+        sae=sae.id, index=index, mode=feature.mode, unit=feature.unit, requested=requested, peak=peak,
         strength=s, c0=c0, c1=c1, when=when, tokens=feature.tokens, after_n=feature.after_n, first_n=feature.first_n,
+        vector=feature.vector if isinstance(feature.vector, str) else None, inline=(-index - 1) // 2 if index < 0 else None,
+        bias=-s if feature.mode == "cap" else 0.0,
     )  # fmt: skip
 
 
 def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:
     sae = saes.get(condition.sae)
-    if sae is None:
-        raise SteeringError(f"{where}.sae", f"unknown SAE {condition.sae!r}; loaded SAEs: {sorted(saes)}")
+    if sae is None or isinstance(sae, DirectionSAE):
+        raise SteeringError(f"{where}.sae", f"unknown SAE {condition.sae!r}; loaded SAEs: {_listed(saes)}")
     # A condition is read before the intervention's SAE steers: at an earlier layer, or by its own hook.
     if sae.cfg.layer > steered.cfg.layer or (sae.cfg.layer == steered.cfg.layer and sae.id != steered.id):
         raise SteeringError(
@@ -384,6 +481,11 @@ def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Map
         raise SteeringError(f"{where}.index", f"index {condition.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
     above = _threshold(condition.above, condition.unit, sae, condition.index, where)
     return ResolvedCondition(sae.id, condition.index, above, condition.scope == "sticky")
+
+
+def _listed(saes: Mapping[str, SAE]) -> list[str]:
+    """The loaded SAEs' ids, for a refusal: steering vectors' DirectionSAEs are not SAEs to name."""
+    return sorted(sae_id for sae_id, sae in saes.items() if not isinstance(sae, DirectionSAE))
 
 
 def _threshold(above: float, unit: str, sae: SAE, index: int, where: str) -> float:

@@ -22,10 +22,13 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from pydantic import BaseModel
 
 from core.local import file_sha256
+from features.formats import load_sae
 from features.sae import ARCHITECTURES, SAE
+from features.vectors import SteeringVector, direction_saes, load_vector
 from steering.spec import (
     ResolvedCondition,
     ResolvedFeature,
@@ -61,6 +64,7 @@ class WireFeature(NamedTuple):
     c0: float
     c1: float
     gate: Gate = OPEN
+    bias: float = 0.0  # added to its pre-activation (a vector's cap)
 
 
 class WireCondition(NamedTuple):
@@ -76,24 +80,42 @@ def _gate(feature: ResolvedFeature, conditions: list[ResolvedCondition]) -> Gate
     return Gate(when, feature.tokens != "completion", feature.after_n, feature.first_n if completion else 0)
 
 
+class WireSteering(NamedTuple):
+    features: list[WireFeature]
+    conditions: list[WireCondition]
+    prompt_scale: float
+    vectors: list[torch.Tensor]  # the request's own (inline) vectors, which negative indices name
+
+
 def encode(resolved: ResolvedSteering) -> str:
-    """A request's steering as the worker reads it: (sae, index, c0, c1) per feature and, for one
-    that is gated, its `Gate`; its conditions (sae, index, above, sticky); the prompt scale.
-    Ungated steering leaves the gates out."""
+    """A request's steering as the worker reads it: (sae, index, c0, c1) per feature, then for one
+    that is gated its `Gate` (else null) and for one with a bias the bias; its conditions (sae,
+    index, above, sticky); the prompt scale; its inline vectors. Ungated, unbiased steering leaves
+    both out, and steering without inline vectors their list."""
     conditions = resolved.conditions()
-    features = [[f.sae, f.index, f.c0, f.c1] + ([] if (g := _gate(f, conditions)) == OPEN else [list(g)]) for f in resolved.features]
+    features = []
+    for f in resolved.features:
+        gate = _gate(f, conditions)
+        extra = [None if gate == OPEN else list(gate), f.bias] if f.bias else [] if gate == OPEN else [list(gate)]
+        features.append([f.sae, f.index, f.c0, f.c1, *extra])
     data: dict = {"features": features, "prompt_scale": resolved.prompt_scale}
     if conditions:
         data["conditions"] = [[c.sae, c.index, c.above, c.sticky] for c in conditions]
+    if resolved.vectors:
+        data["vectors"] = [list(v) for v in resolved.vectors]
     return json.dumps(data, separators=(",", ":"))
 
 
-def decode(wire: str) -> tuple[list[WireFeature], list[WireCondition], float]:
+def decode(wire: str) -> WireSteering:
     """The worker's side of `encode`."""
     data = json.loads(wire)
-    features = [WireFeature(str(s), int(i), float(c0), float(c1), Gate(*gate[0]) if gate else OPEN) for s, i, c0, c1, *gate in data["features"]]
+    features = [
+        WireFeature(str(s), int(i), float(c0), float(c1), Gate(*extra[0]) if extra and extra[0] else OPEN, float(extra[1]) if len(extra) > 1 else 0.0)
+        for s, i, c0, c1, *extra in data["features"]
+    ]  # fmt: skip
     conditions = [WireCondition(str(s), int(i), float(above), bool(sticky)) for s, i, above, sticky in data.get("conditions", [])]
-    return features, conditions, float(data["prompt_scale"])
+    vectors = [torch.tensor(v, dtype=torch.float32) for v in data.get("vectors", [])]
+    return WireSteering(features, conditions, float(data["prompt_scale"]), vectors)
 
 
 def cache_salt(wire: str) -> str:
@@ -166,16 +188,21 @@ class ReadoutBatch(BaseModel):
         return cls.model_construct(**json.loads(data))
 
 
-class SAEEntry(BaseModel):
+class SourceEntry(BaseModel):
+    """A loaded SAE or steering vector, as the worker loads it again."""
+
     id: str
-    source: str  # what loads it: features/formats.py's `FORMAT:PATH[@LAYER]`, the path absolute
-    digest: str  # of the SAE's files: a changed SAE is a changed graph key
+    source: str  # what loads it: features/formats.py's `FORMAT:PATH[@LAYER]`, features/vectors.py's `PATH[@LAYER]`
+    digest: str  # of its files: a changed SAE or vector is a changed graph key
 
 
 class EngineSettings(BaseModel):
     """What the engine's workers need to build the hooks, and what the API process admits against."""
 
-    saes: list[SAEEntry]
+    saes: list[SourceEntry]
+    vectors: list[SourceEntry]
+    hidden_size: int  # the model's d_in, which every vector has
+    inline_vector_layers: list[int]  # where requests may steer with vectors of their own
     max_steered_requests: int  # admitted at once by the API server
     rows: int  # table rows per SAE in the worker: 1 (unsteered) + admitted + finishing lag
     width: int  # features per SAE per request
@@ -184,14 +211,22 @@ class EngineSettings(BaseModel):
     max_readout_top_k: int
     max_readout_features: int
     max_monitors: int
+    max_inline_vectors: int
     code_digest: str  # of the traced steering code (`traced_files`)
+
+    def load_saes(self) -> dict[str, SAE]:
+        """Its SAEs, and its vectors as one DirectionSAE per layer (`vectors@L`), by id: what the
+        worker steers with and the API process resolves against."""
+        saes = {e.id: load_sae(e.id, e.source) for e in self.saes}
+        vectors = {e.id: load_vector(e.id, e.source) for e in self.vectors}
+        return saes | direction_saes(vectors, self.hidden_size, self.max_inline_vectors, self.inline_vector_layers)
 
     @property
     def limits(self) -> SteeringLimits:
         return SteeringLimits(
             max_features=self.max_features, max_features_per_sae=self.width, max_strength=self.max_strength,
             max_readout_top_k=self.max_readout_top_k, max_readout_features=self.max_readout_features,
-            max_monitors=self.max_monitors,
+            max_monitors=self.max_monitors, max_inline_vectors=self.max_inline_vectors,
         )  # fmt: skip
 
     def additional_config(self) -> dict:
@@ -203,8 +238,8 @@ class EngineSettings(BaseModel):
         return cls.model_validate(raw) if raw else None
 
 
-def sae_entry(sae: SAE) -> SAEEntry:
-    return SAEEntry(id=sae.id, source=sae.source, digest=file_sha256(*sae.files)[:16])
+def source_entry(loaded: SAE | SteeringVector) -> SourceEntry:
+    return SourceEntry(id=loaded.id, source=loaded.source, digest=file_sha256(*loaded.files)[:16])
 
 
 def traced_files() -> list[Path]:

@@ -39,6 +39,8 @@ from torch import nn
 
 from core import vllm_internals
 from features.formats import load_sae
+from features.sae import SAE
+from features.vectors import DirectionSAE
 from steering import wire
 from steering.hook import ReadoutSpan, SAESteering, StepRouting, TokenIndex, table_bytes
 from steering.wire import CONFIG_KEY, READOUT_KEY, EngineSettings, ReadoutBatch, ReadoutRequest
@@ -53,14 +55,14 @@ class Steerer:
     def __init__(
         self,
         model: nn.Module,
-        saes: list[tuple[str, str]],
+        saes: list[tuple[str, str]] | dict[str, SAE],
         rows: int,
         width: int,
         max_num_tokens: int,
         device: torch.device,
         send: Callable[[str, ReadoutBatch], None] | None = None,
     ):
-        """`saes`: (id, source) each (features/formats.py); `rows` table rows per SAE (row 0: unsteered); `width` features
+        """`saes`: loaded, or (id, source) each (features/formats.py); `rows` table rows per SAE (row 0: unsteered); `width` features
         per SAE per request; `send(address, batch)` delivers a readout (None: on tensor-parallel
         ranks past 0, which watch as rank 0 does, so that all stop alike, but send nothing)."""
         self.rows = rows
@@ -73,12 +75,12 @@ class Steerer:
         self._row_of_req: dict[str, int] = {}
         self._prompt_scale = np.ones(self.rows, dtype=np.float32)  # per row
         dtype = next(model.parameters()).dtype
-        loaded = [load_sae(sae_id, path) for sae_id, path in saes]
-        check_table_memory(sum(table_bytes(sae, rows, width, dtype) for sae in loaded), rows, width, device)
+        loaded = list(saes.values()) if isinstance(saes, dict) else [load_sae(sae_id, path) for sae_id, path in saes]
+        check_table_memory(sum(table_bytes(sae, rows, _width(sae, width), dtype) for sae in loaded), rows, width, device)
         self.hooks: dict[str, SAESteering] = {}
         by_layer: dict[int, list[SAESteering]] = defaultdict(list)
         for sae in loaded:
-            hook = SAESteering(sae, self.index, self.rows, width, dtype, self.routing)
+            hook = SAESteering(sae, self.index, self.rows, _width(sae, width), dtype, self.routing)
             self.hooks[sae.id] = hook
             by_layer[sae.cfg.layer].append(hook)
         layers = decoder_layers(model)
@@ -191,15 +193,15 @@ class Steerer:
             # and running the request unsteered would be a silent wrong answer.
             raise RuntimeError("steerserve: steering table rows exhausted")
         row = self._free.pop()
-        features, conditions, self._prompt_scale[row] = wire.decode(encoded)
-        by_sae: dict[str, list[tuple[int, float, float, wire.Gate]]] = defaultdict(list)
+        features, conditions, self._prompt_scale[row], vectors = wire.decode(encoded)
+        by_sae: dict[str, list[tuple[int, float, float, wire.Gate, float]]] = defaultdict(list)
         for f in features:
-            by_sae[f.sae].append((f.index, f.c0, f.c1, f.gate))
+            by_sae[f.sae].append((f.index, f.c0, f.c1, f.gate, f.bias))
         conditions_of: dict[str, list[tuple[int, int, float, bool]]] = defaultdict(list)
         for column, c in enumerate(conditions, start=1):
             conditions_of[c.sae].append((column, c.index, c.above, c.sticky))
         for sae_id, hook in self.hooks.items():
-            hook.set_row(row, by_sae.get(sae_id, []), conditions_of.get(sae_id, []))
+            hook.set_row(row, by_sae.get(sae_id, []), conditions_of.get(sae_id, []), vectors)
         return row
 
 
@@ -232,6 +234,12 @@ def _write(target: torch.Tensor, values: np.ndarray) -> None:
         target[: len(values)] = source
     else:
         target[: len(values)].copy_(source.pin_memory(), non_blocking=True)
+
+
+def _width(sae: SAE, width: int) -> int:
+    """Its table's features per row: `width`, or for a layer's steering vectors the slots a
+    request can use there, where fewer."""
+    return min(width, sae.slots) if isinstance(sae, DirectionSAE) else width
 
 
 def check_table_memory(total: int, rows: int, width: int, device: torch.device) -> None:
@@ -267,9 +275,8 @@ def _on_load(runner: Any) -> None:
     settings = EngineSettings.from_additional_config(vllm_internals.additional_config(runner))
     runner._steerer = None
     if settings is not None:
-        saes = [(entry.id, entry.source) for entry in settings.saes]
         send = ReadoutSender().send if vllm_internals.tensor_parallel_rank() == 0 else None
-        runner._steerer = Steerer(runner.model, saes, settings.rows, settings.width, runner.max_num_tokens, runner.device, send)
+        runner._steerer = Steerer(runner.model, settings.load_saes(), settings.rows, settings.width, runner.max_num_tokens, runner.device, send)
 
 
 def _on_prepared(runner: Any, num_scheduled_tokens: np.ndarray) -> None:

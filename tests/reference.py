@@ -145,11 +145,53 @@ def steering_hooks(model, interventions: list[Intervention], prompt_len: int = 0
             handle.remove()
 
 
+@dataclass(frozen=True)
+class VectorEdit:
+    """A steering vector v at a decoder layer's output: add s*v (raw) or s*v/|v| (norm); or, along
+    r = v/|v| with p = x.r, ablate (x - p r), clamp (x + (s - p) r) or cap (x + (min(p, s) - p) r)."""
+
+    layer: int
+    vector: torch.Tensor
+    mode: str
+    strength: float = 0.0
+    unit: str = "raw"
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vector.float()
+        r = v / v.norm()
+        p = (x @ r)[:, None]
+        if self.mode == "add":
+            return (self.strength * (v if self.unit == "raw" else r)).expand_as(x)
+        target = {"ablate": torch.zeros_like(p), "clamp": torch.full_like(p, self.strength), "cap": p.clamp(max=self.strength)}[self.mode]
+        return (target - p) * r
+
+
+@contextmanager
+def vector_hooks(model, edits: list[VectorEdit]):
+    """Each edit applied to its layer's output; edits at one layer all read the same unsteered x."""
+    handles = []
+    for layer in sorted({e.layer for e in edits}):
+
+        def hook(module, args, output, here=[e for e in edits if e.layer == layer]):
+            hidden = output[0] if isinstance(output, tuple) else output
+            x = hidden.reshape(-1, hidden.shape[-1]).float()
+            steered = (x + sum(e.delta(x) for e in here)).reshape(hidden.shape).to(hidden.dtype)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        handles.append(model.model.layers[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def greedy(
-    model, prompt_ids: list[int], max_new_tokens: int, interventions: list[Intervention] = (), prompt_scale: float = 1.0
-) -> list[int]:
-    with steering_hooks(model, list(interventions), len(prompt_ids), prompt_scale):
+    model, prompt_ids: list[int], max_new_tokens: int, interventions: list[Intervention] = (), prompt_scale: float = 1.0,
+    vectors: list[VectorEdit] = (),
+) -> list[int]:  # fmt: skip
+    with steering_hooks(model, list(interventions), len(prompt_ids), prompt_scale), vector_hooks(model, list(vectors)):
         out = model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=max_new_tokens,

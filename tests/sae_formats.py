@@ -283,3 +283,19 @@ FORMAT_OF = {
     "gemma-scope": "gemma_scope", "gemma-scope-2": "gemma_scope_2", "llama-scope": "llama_scope",
     "sparsify": "sparsify", "goodfire": "goodfire", "openai": "openai",
 }  # fmt: skip
+
+
+def gguf_control_vector(path: Path, directions: dict[int, torch.Tensor], model_hint: str = "llama") -> Path:
+    """A control vector as repeng's `export_gguf` writes it: `direction.<layer>` float32 tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model_hint)
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, vector in directions.items():
+        writer.add_tensor(f"direction.{layer}", vector.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -55,7 +55,7 @@ def test_wire_round_trip_and_digest(sae):
     features = [FeatureIntervention(sae="t", index=i, mode="clamp", strength=i / 3) for i in range(4)]
     resolved = resolve(SteeringSpec(features=features, prompt_scale=2.5), {"t": sae}, SteeringLimits())
     encoded = wire.encode(resolved)
-    assert wire.decode(encoded) == ([("t", f.index, f.c0, f.c1, wire.OPEN) for f in resolved.features], [], 2.5)
+    assert wire.decode(encoded) == ([("t", f.index, f.c0, f.c1, wire.OPEN, 0.0) for f in resolved.features], [], 2.5, [])
     others = [SteeringSpec(features=features[:3], prompt_scale=2.5), SteeringSpec(features=features)]
     for other in others:  # the prompt scale is part of the steering: KV written under one is not another's
         assert wire.cache_salt(encoded) != wire.cache_salt(wire.encode(resolve(other, {"t": sae}, SteeringLimits())))
@@ -105,7 +105,7 @@ def test_gates_cross_the_wire(sae, early):
         FeatureIntervention(sae="t", index=3, strength=1.0, tokens="prompt"),
         FeatureIntervention(sae="t", index=4, strength=1.0),
     ])  # fmt: skip
-    features, conditions, _ = wire.decode(wire.encode(resolve(spec, saes, SteeringLimits())))
+    features, conditions, _, _ = wire.decode(wire.encode(resolve(spec, saes, SteeringLimits())))
     assert conditions == [("t", 9, 0.1, False), ("early", 4, 0.5, True)]
     assert [f.gate for f in features] == [
         wire.Gate(when=1), wire.Gate(when=2, prompt=False, first_n=5), wire.Gate(when=2, after_n=2),

@@ -14,7 +14,7 @@ from openai import AuthenticationError, BadRequestError, OpenAI, PermissionDenie
 
 from core.local import serve_command
 from tests.helpers import chat_prompt_ids, server_tokens
-from tests.serving import ADMIN, PRESETS, sae_args
+from tests.serving import ADMIN, ADMIN_KEY, PRESETS, sae_args
 
 CLAMP = [{"sae": "jr", "index": 1, "mode": "clamp", "strength": 4.0, "unit": "max_act"}]
 CLAMP_PROMPT_SCALE = 0.25  # test-clamp's
@@ -150,6 +150,15 @@ def test_presets_only_key(server, model_name):
         key.chat.completions.create(
             model="test-clamp", messages=MESSAGES, extra_body={"steering": {"features": CLAMP}}
         )
+    # nor steer with a vector of its own (the session server takes them at its SAEs' layers)
+    inline = [{"vector": [0.5] * 576, "layer": 15, "mode": "add", "strength": 1.0}]
+    with pytest.raises(PermissionDeniedError) as vector:
+        key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": {"features": inline}})
+    assert vector.value.body["param"] == "raw_features"
+    steered = _as(server, ADMIN_KEY).chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": {"features": inline}}
+    )
+    assert steered.model_extra["steering"]["features"][0] == {"inline_vector": 0, "layer": 15, "mode": "add", "strength": 1.0, "unit": "raw"}
 
 
 def test_capped_key(server, model_name, saes):

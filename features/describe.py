@@ -58,7 +58,7 @@ def text_stream(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
     """Each text tokenized and followed by EOS, one stream, cut at `max_tokens`."""
     parts, total = [], 0
     for text in texts:
-        ids = np.asarray([*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id], np.uint16)
+        ids = np.asarray([*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id], np.uint32)
         parts.append(ids)
         total += len(ids)
         if total >= max_tokens:

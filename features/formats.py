@@ -165,6 +165,9 @@ def read_gemma_scope(path: Path, layer: int | None) -> Read:
     except Exception as exc:  # numpy raises several types for a bad file
         raise SAEFormatError(file, f"cannot read Gemma Scope params: {exc}") from exc
     weights = {name: _need(file, raw, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    if kind := re.search(r"gemma-scope-[^/]*-(mlp|att|transcoders)(-|/|$)", str(file.resolve())):
+        what = {"mlp": "MLP-output", "att": "attention-output", "transcoders": "transcoder"}[kind.group(1)]
+        raise SAEFormatError(file, f"a Gemma Scope {what} SAE ({kind.group(0).strip('-/')}): steerserve steers the residual stream (-res)")
     found = re.search(r"layer_(\d+)/width_[^/]+/average_l0_\d+", str(file.resolve()))
     hook = f"blocks.{found.group(1)}.hook_resid_post" if found else None
     d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (None, None)
@@ -230,7 +233,7 @@ def read_llama_scope(path: Path, layer: int | None) -> Read:
         if not isinstance(theta, (int, float)):
             raise SAEFormatError(cfg_file, "act_fn 'jumprelu' needs a numeric jump_relu_threshold")
         column = dec.float().norm(dim=0) if raw.get("sparsity_include_decoder_norm", True) else torch.ones(enc.shape[0])
-        weights["threshold"] = theta / column
+        weights["threshold"] = torch.where(column > 0, theta / column, torch.finfo(torch.float32).max)  # a zero column never fires
         arch = "jumprelu"
     elif act == "topk" and not raw.get("sparsity_include_decoder_norm", True):
         arch, k = "topk", raw.get("top_k")
@@ -257,7 +260,7 @@ def read_sparsify(path: Path, layer: int | None) -> Read:
     enc = _need(file, t, "encoder.weight")
     weights = {"W_enc": enc.T, "b_enc": _need(file, t, "encoder.bias"), "W_dec": _need(file, t, "W_dec"), "b_dec": _need(file, t, "b_dec")}
     d_sae = enc.shape[0] if enc.dim() == 2 else None
-    hook = path.name if re.fullmatch(r"layers\.\d+", path.name) else None
+    hook = path.name if path.name.startswith("layers.") else None  # the hookpoint; layer_of_hook refuses all but layers.N
     cfg = _config(cfg_file, "topk", raw.get("d_in"), d_sae, hook, True, "none", None, raw.get("k"), layer)
     return cfg, weights, (cfg_file, file)
 

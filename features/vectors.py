@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from features.sae import SAE, SAEConfig, SAEFormatError, register
+from features.sae import SAE, SAEConfig, SAEFormatError
 
 DIRECTION = re.compile(r"^direction\.(\d+)$")
 PREFIX = "vectors@"  # the DirectionSAE of layer L is `vectors@L`
@@ -158,9 +158,8 @@ def _vector(path: Path, name: str, value: object) -> torch.Tensor:
     return value
 
 
-@register("direction")
 class DirectionSAE(SAE):
-    """The steering vectors of one layer, as features: 2j the projection on loaded vector j's unit
+    """The steering vectors of one layer, as features (never read from an SAE file): 2j the projection on loaded vector j's unit
     direction, 2j + 1 its rectified excess over a per-request bias (`linear` is 1 on the first).
     A request's own (inline) vector k takes negative indices the same way: -(2k + 1) its
     projection, -(2k + 2) its rectified excess; a table row is given its values directly."""

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--inline-vector-layers", metavar="LAYERS",
-        help="where requests may steer with vectors of their own: 'all', 'none', or layers like '8-12,15' "
-        "(default: every layer with a loaded SAE or vector); each costs a small table and a hook",
+        help="where requests may steer with vectors of their own: 'all', 'none' (the default), or layers like "
+        "'8-12,15'; each layer costs a small table and a hook",
     )  # fmt: skip
     serve.add_argument(
         "--no-default-sae", action="store_true", help="with the default model, do not load its default SAE as 'default'"

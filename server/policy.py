@@ -125,6 +125,9 @@ def authorize_steering(key: KeyPolicy | None, steering: ResolvedSteering | None)
     strength caps or touches a protected feature. Reads the strengths resolution yields."""
     if key is None or steering is None:
         return
+    if key.protected and steering.vectors:
+        # A vector of the client's own could be any protected feature's decoder direction.
+        raise PolicyDenied("protected", f"key {key.name!r} has protected features, so it may not steer with inline vectors")
     for n, f in enumerate(steering.features):
         cap = key.max_strength.get(f.unit)
         if cap is not None and abs(f.peak) > cap:  # peak: prompt_scale > 1 steers the prompt harder

@@ -56,12 +56,13 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
                 raise StartupError(f"{vector.files[0]}: a direction at layer {layer}; the model has {layers}")
         vectors.append(source_entry(vector))
         loaded[vector_id] = vector
-    named = {sae.cfg.layer for sae in saes.values()} | {layer for v in loaded.values() for layer in v.directions}
+    if args.max_inline_vectors < 0:
+        raise StartupError(f"--max-inline-vectors {args.max_inline_vectors}: must be 0 or more")
     settings = EngineSettings(
         saes=entries,
         vectors=vectors,
         hidden_size=hidden,
-        inline_vector_layers=_layers(getattr(args, "inline_vector_layers", None), layers, named),
+        inline_vector_layers=_layers(getattr(args, "inline_vector_layers", None), layers) if args.max_inline_vectors else [],
         max_inline_vectors=args.max_inline_vectors,
         max_steered_requests=args.max_steered_requests,
         # Row 0 means "unsteered"; rows of finished requests are freed one engine step after
@@ -78,10 +79,10 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
     return settings, saes | direction_saes(loaded, hidden, settings.max_inline_vectors, settings.inline_vector_layers)
 
 
-def _layers(value: str | None, layers: int, default: set[int]) -> list[int]:
-    """`--inline-vector-layers`: 'all', 'none', or 'A-B,C,...' (each below `layers`); `default` if not given."""
+def _layers(value: str | None, layers: int) -> list[int]:
+    """`--inline-vector-layers`: 'all', 'none' (the default), or 'A-B,C,...' (each below `layers`)."""
     if value is None:
-        return sorted(default)
+        return []
     if value in ("all", "none"):
         return list(range(layers)) if value == "all" else []
     chosen: set[int] = set()

@@ -53,7 +53,7 @@ MAX_CONDITIONS = 8
 # The largest first_n or after_n: past any context length, and exact as the worker's float32.
 MAX_WINDOW = 1 << 24
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
-INLINE_LENGTH = (1e-6, 1e15)  # an inline vector's: its direction is taken in float32
+INLINE_LENGTH = (1e-6, 6e4)  # an inline vector's: its direction is taken in float32, its values kept in float16
 Layer = Annotated[int, Field(ge=0, le=1 << 16, strict=True)]  # past any model's depth
 
 
@@ -166,7 +166,7 @@ class ResolvedFeature:
     sae: str
     index: int
     mode: Mode
-    unit: Unit
+    unit: Unit  # a vector's add is judged in "norm": the length of what it adds
     requested: float  # strength x scale, in `unit`: what the policy's per-unit caps read
     peak: float  # requested, times prompt_scale where that steers the prompt harder
     strength: float  # in the SAE's raw activation units (norm: along the raw decoder row)
@@ -396,7 +396,7 @@ def _inline_targets(
     missing = [layer for layer in range(span[0], span[1] + 1) if layer not in taking]
     if missing:
         raise SteeringError(f"{where}.layer" if span[0] == span[1] else f"{where}.layers",
-                            f"this server takes inline vectors at layers {taking} (--inline-vector-layers), not {missing}")  # fmt: skip
+                            f"this server takes inline vectors at layers {taking} (--inline-vector-layers), not {missing[:8]}{' ...' if len(missing) > 8 else ''}")  # fmt: skip
     d_in = directions[0].cfg.d_in
     if len(vector) != d_in:
         raise SteeringError(f"{where}.vector", f"an inline vector has d_in = {d_in} numbers, got {len(vector)}")
@@ -451,6 +451,12 @@ def _resolve_one(
         raise SteeringError(f"{where}.strength", "strength overflows once its unit and scale are applied")
     # A vector's feature decodes to the raw vector v; its projection modes act along v / |v|.
     inverse = 1.0 / length if length is not None else 1.0
+    if length is not None and feature.mode == "add" and feature.unit == "raw":
+        # A raw vector adds s * |v|: caps (--max-strength, a key's per-unit caps) judge that length,
+        # as unit "norm", or a long vector would carry any strength past them.
+        requested, peak = requested * length, peak * length
+        if abs(peak) > limits.max_strength:
+            raise SteeringError(f"{where}.strength", f"|strength| x the vector's length ({length:g}) must be at most {limits.max_strength}")
     c0, c1 = {
         "add": (s, 0.0),
         "clamp": (s * inverse, -inverse),
@@ -458,8 +464,9 @@ def _resolve_one(
         "scale": (0.0, s - 1.0),
         "cap": (0.0, -inverse),
     }[feature.mode]
+    unit = "norm" if length is not None and feature.mode == "add" else feature.unit
     return ResolvedFeature(
-        sae=sae.id, index=index, mode=feature.mode, unit=feature.unit, requested=requested, peak=peak,
+        sae=sae.id, index=index, mode=feature.mode, unit=unit, requested=requested, peak=peak,
         strength=s, c0=c0, c1=c1, when=when, tokens=feature.tokens, after_n=feature.after_n, first_n=feature.first_n,
         vector=feature.vector if isinstance(feature.vector, str) else None, inline=(-index - 1) // 2 if index < 0 else None,
         bias=-s if feature.mode == "cap" else 0.0,

@@ -44,7 +44,7 @@ READOUT_KEY = "steerserve_readout"  # key in SamplingParams.extra_args
 
 # Worker-side modules whose code runs inside the compiled graph: the hook op and the layer callback.
 # The SAE architectures' activations are traced too; their files are added where they are defined.
-TRACED_MODULES = ("steering.hook", "steering.kernels", "steering.triton_kernels", "steering.worker")
+TRACED_MODULES = ("steering.hook", "steering.kernels", "steering.triton_kernels", "steering.worker", "features.vectors")
 
 class Gate(NamedTuple):
     """Where a feature's term applies, per token (1 where all of these hold, else 0)."""

@@ -36,6 +36,7 @@ def server_args(sae_dirs, presets_file, tmp_path_factory) -> list[str]:
         "--api-key", ADMIN_KEY,
         "--dtype", "float32",  # the reference is float32 transformers: compare like with like
         "--max-steered-requests", str(MAX_STEERED),
+        "--inline-vector-layers", "15",  # a presets-only key may not use them (test_presets_policy)
         "--", "--max-num-batched-tokens", str(PREFILL_CHUNK),
         "--logits-processors", "tests.pacing:Pacer",  # tests that need requests to share steps pace them
     ]  # fmt: skip

@@ -31,6 +31,7 @@ def test_health_models_and_saes(server, client, model_name, saes):
         "d_in": 576,
         "d_sae": 256,
         "architecture": "jumprelu",
+        "format": "saelens",
         "has_statistics": True,
         "has_catalogue": False,
     }

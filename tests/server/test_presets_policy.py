@@ -150,7 +150,7 @@ def test_presets_only_key(server, model_name):
         key.chat.completions.create(
             model="test-clamp", messages=MESSAGES, extra_body={"steering": {"features": CLAMP}}
         )
-    # nor steer with a vector of its own (the session server takes them at its SAEs' layers)
+    # nor steer with a vector of its own (the session server takes them at layer 15)
     inline = [{"vector": [0.5] * 576, "layer": 15, "mode": "add", "strength": 1.0}]
     with pytest.raises(PermissionDeniedError) as vector:
         key.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, extra_body={"steering": {"features": inline}})

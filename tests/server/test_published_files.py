@@ -37,12 +37,12 @@ def sources(tmp_path_factory, hf_model, tokenizer) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def vectors(tmp_path_factory, hf_model, tokenizer) -> dict[str, tuple[str, dict[int, torch.Tensor]]]:
     """id -> (--vector source, its direction at each layer): each the top principal direction of
-    real residuals there, as long as half their mean norm."""
+    real residuals there, as long as their median norm."""
     root = tmp_path_factory.mktemp("vectors")
 
     def direction(layer: int) -> torch.Tensor:
         x = residuals(hf_model, tokenizer, layer)
-        return torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[0] * float(x.norm(dim=-1).mean()) / 2
+        return torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[0] * float(x.norm(dim=-1).median())
 
     concept = {10: direction(10), 14: direction(14)}
     save_file({"refusal": direction(12)}, root / "refusal.safetensors", metadata={"layer": "12"})

@@ -14,6 +14,7 @@ import pytest
 from vllm.config import VllmConfig
 
 from features.sae import ARCHITECTURES
+from features.vectors import DirectionSAE
 from server.cli import build_parser
 from server.startup import steering_settings
 from steering import kernels, triton_kernels
@@ -57,7 +58,7 @@ def test_the_digest_covers_every_traced_function():
     callback, and every registered architecture's input pipeline and activation."""
     traced = [SAESteering.forward, SAESteering.delta, SAESteering.steer_spans, _steer_layer_output]
     traced += [kernels.for_model, *kernels.TORCH, triton_kernels.shrink, triton_kernels.expand]
-    for cls in ARCHITECTURES.values():
+    for cls in (*ARCHITECTURES.values(), DirectionSAE):
         traced += [cls.input_norm, cls.sae_in, cls.activation, cls.selected_activations]
     files = {str(path) for path in traced_files()}
     uncovered = [fn.__qualname__ for fn in traced if fn.__code__.co_filename not in files]

@@ -108,11 +108,22 @@ BAD = {
     "attention heads": ("saelens-v6-topk", lambda t, w: _edit_json(_p(w) / "cfg.json", metadata={"hook_name": "blocks.5.attn.hook_z", "hook_head_index": None}, reshape_activations="hook_z") or w.source, "hook_z"),
     "gemma attn_out": ("gemma-scope-2", lambda t, w: str(_move(_p(w), "attn_out")), "attn_out SAE"),
     "missing": ("openai", lambda t, w: str(t / "nowhere.pt"), "no such file"),
+    "not a file architecture": ("saelens-v6-topk", lambda t, w: _edit_json(_p(w) / "cfg.json", architecture="direction") or w.source, "architecture 'direction'"),
+    "gemma mlp": ("gemma-scope", lambda t, w: str(_rename(_p(w), "gemma-scope-2b-pt-res", "gemma-scope-2b-pt-mlp")), "MLP-output SAE"),
+    "sparsify mlp hookpoint": ("sparsify", lambda t, w: str(_rename(_p(w), "layers.5", "layers.5.mlp")) + "@5", "is an MLP output"),
 }  # fmt: skip
 
 
 def _p(written):
     return parse_source(written.source)[1]
+
+
+def _rename(path, part, to):
+    """The SAE moved so that one directory of its path is named `to` instead of `part`."""
+    target = type(path)(str(path).replace(part, to))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
+    return target
 
 
 def _move(path, kind):

@@ -116,8 +116,8 @@ def test_each_mode_steers_as_its_formula(tmp_path):
         (dict(vector=[1.0] * D), "steering.features[0].layer", "needs a layer (or layers); this server takes them at layers [2, 3]"),
         (dict(vector=[1.0] * D, layers=(2, 4)), "steering.features[0].layers", "at layers [2, 3] (--inline-vector-layers), not [4]"),
         (dict(vector=[1.0] * (D - 1), layer=2), "steering.features[0].vector", f"d_in = {D} numbers, got {D - 1}"),
-        (dict(vector=[0.0] * D, layer=2), "steering.features[0].vector", "length must be between 1e-06 and 1e+15"),
-        (dict(vector=[1e200] * D, layer=2), "steering.features[0].vector", "length must be between 1e-06 and 1e+15"),
+        (dict(vector=[0.0] * D, layer=2), "steering.features[0].vector", "length must be between 1e-06 and 60000"),
+        (dict(vector=[1e200] * D, layer=2), "steering.features[0].vector", "length must be between 1e-06 and 60000"),
         (dict(vector="a", layer=2, layers=(2, 2)), "steering.features[0].layer", "not both"),
         (dict(sae="t", index=0, layer=2), "steering.features[0].layer", "applies to vectors"),
         (dict(sae=f"{PREFIX}2", index=0), "steering.features[0].sae", "unknown SAE"),
@@ -150,3 +150,20 @@ def test_inline_vectors_are_capped_per_request(tmp_path):
     with pytest.raises(SteeringError, match="at most 2 inline vectors") as err:
         resolve(SteeringSpec(features=features), saes, SteeringLimits(max_inline_vectors=2))
     assert err.value.param == "steering.features[2].vector"
+
+
+def test_caps_judge_the_length_a_vector_adds(tmp_path):
+    """A long vector's raw strength is judged as the length it adds, by the server's cap and a key's."""
+    from server.policy import KeyPolicy, PolicyDenied, ProtectedFeature, authorize_steering
+
+    saes = direction_saes({}, D, 2, [2])
+    long = (torch.ones(D) * 100).tolist()  # length 400
+    with pytest.raises(SteeringError, match="the vector's length") as err:
+        resolve(SteeringSpec(features=[FeatureIntervention(vector=long, layer=2, strength=3.0)]), saes, SteeringLimits(max_strength=1000.0))
+    assert err.value.param == "steering.features[0].strength"
+    steering = resolve(SteeringSpec(features=[FeatureIntervention(vector=long, layer=2, strength=2.0)]), saes, SteeringLimits())
+    assert (steering.features[0].unit, steering.features[0].requested) == ("norm", pytest.approx(800.0))
+    with pytest.raises(PolicyDenied, match="caps"):
+        authorize_steering(KeyPolicy(name="k", key="k", max_strength={"norm": 500.0}), steering)
+    with pytest.raises(PolicyDenied, match="may not steer with inline vectors"):
+        authorize_steering(KeyPolicy(name="k", key="k", protected=[ProtectedFeature(sae="x", index=1)]), steering)

@@ -170,8 +170,7 @@ def read_gemma_scope(path: Path, layer: int | None) -> Read:
         raise SAEFormatError(file, f"a Gemma Scope {what} SAE ({kind.group(0).strip('-/')}): steerserve steers the residual stream (-res)")
     found = re.search(r"layer_(\d+)/width_[^/]+/average_l0_\d+", str(file.resolve()))
     hook = f"blocks.{found.group(1)}.hook_resid_post" if found else None
-    d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (None, None)
-    return _config(file, "jumprelu", d_in, d_sae, hook, False, "none", None, None, layer), weights, (file,)
+    return _config(file, "jumprelu", *_dims(weights), hook, False, "none", None, None, layer), weights, (file,)
 
 
 def read_gemma_scope_2(path: Path, layer: int | None) -> Read:
@@ -187,8 +186,7 @@ def read_gemma_scope_2(path: Path, layer: int | None) -> Read:
         raise SAEFormatError(cfg_file, "a transcoder (reads one hook, writes another): steerserve steers with SAEs only")
     lower = _tensors(file, load_file)
     weights = {name: _need(file, lower, name.lower()) for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-    d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (None, None)
-    return _config(cfg_file, "jumprelu", d_in, d_sae, hook, False, "none", None, None, layer), weights, (cfg_file, file)
+    return _config(cfg_file, "jumprelu", *_dims(weights), hook, False, "none", None, None, layer), weights, (cfg_file, file)
 
 
 # --- Llama Scope ---------------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def read_sparsify(path: Path, layer: int | None) -> Read:
     t = _tensors(file, load_file)
     enc = _need(file, t, "encoder.weight")
     weights = {"W_enc": enc.T, "b_enc": _need(file, t, "encoder.bias"), "W_dec": _need(file, t, "W_dec"), "b_dec": _need(file, t, "b_dec")}
-    d_sae = enc.shape[0] if enc.dim() == 2 else None
+    d_sae = _dims(weights)[1]
     hook = path.name if path.name.startswith("layers.") else None  # the hookpoint; layer_of_hook refuses all but layers.N
     cfg = _config(cfg_file, "topk", raw.get("d_in"), d_sae, hook, True, "none", None, raw.get("k"), layer)
     return cfg, weights, (cfg_file, file)
@@ -277,8 +275,7 @@ def read_goodfire(path: Path, layer: int | None) -> Read:
     }  # fmt: skip
     named = re.search(r"-l(\d+)(\.pth?)?$", path.name)
     hook = f"model.layers.{named.group(1)}" if named else None
-    d_sae, d_in = enc.shape if enc.dim() == 2 else (None, None)
-    return _config(path, "standard", d_in, d_sae, hook, False, "none", None, None, layer), weights, (path,)
+    return _config(path, "standard", *_dims(weights), hook, False, "none", None, None, layer), weights, (path,)
 
 
 def read_openai(path: Path, layer: int | None) -> Read:
@@ -294,7 +291,7 @@ def read_openai(path: Path, layer: int | None) -> Read:
     k = (t.get("activation_state_dict") or {}).get("k") if kind == "topk" else None
     named = re.fullmatch(r"(\d+)\.pt", path.name)
     hook = f"model.layers.{named.group(1)}" if named else None
-    d_sae, d_in = enc.shape if enc.dim() == 2 else (None, None)
+    d_in, d_sae = _dims(weights)
     # Its TopK autoencoders layer-normalise their input (`normalize` is set for them alone).
     norm = "layer_norm" if kind == "topk" else "none"
     return _config(path, kind, d_in, d_sae, hook, True, norm, None, k, layer), weights, (path,)
@@ -350,6 +347,13 @@ def _config(
         norm_scaling_factor=float(factor) if norm == "expected_average_only_in" else None,
         k=k if isinstance(k, int) else None,
     )  # fmt: skip
+
+
+def _dims(weights: Weights) -> tuple[int | None, int | None]:
+    """(d_in, d_sae) as the canonical encoder W_enc [d_in, d_sae] has them; None where it is not 2-D
+    (`_config` then refuses the SAE)."""
+    shape = tuple(weights["W_enc"].shape)
+    return shape if len(shape) == 2 else (None, None)  # type: ignore[return-value]
 
 
 def _check_weights(file: Path, cfg: SAEConfig, cls: type[SAE], weights: Mapping[str, torch.Tensor]) -> None:

@@ -194,6 +194,12 @@ class DirectionSAE(SAE):
         return v / v.norm(), v, 0.0 if rectified else 1.0
 
 
+def saes_only(saes: Mapping[str, SAE]) -> dict[str, SAE]:
+    """The SAEs proper among `saes`, by id: what may be listed, read, watched or named as an SAE
+    (a layer's DirectionSAE is how vectors steer, not an SAE of the server's)."""
+    return {sae_id: sae for sae_id, sae in saes.items() if not isinstance(sae, DirectionSAE)}
+
+
 def direction_saes(
     vectors: Mapping[str, SteeringVector], d_in: int, inline: int = 0, inline_layers: Sequence[int] = ()
 ) -> dict[str, DirectionSAE]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from features.catalogue import Catalogue
 from features.sae import SAE
-from features.vectors import DirectionSAE
+from features.vectors import saes_only
 from server.errors import APIError
 from server.state import SteeringState
 
@@ -38,10 +38,10 @@ class Catalogued:
 def catalogued(sae_id: str, raw_request: Request) -> Catalogued:
     """The SAE named in the path, which must be loaded and have a catalogue (404 otherwise)."""
     state: SteeringState = raw_request.app.state.steering
-    sae = state.saes.get(sae_id)
-    if sae is None or isinstance(sae, DirectionSAE):
-        listed = sorted(i for i, s in state.saes.items() if not isinstance(s, DirectionSAE))
-        raise APIError(HTTPStatus.NOT_FOUND, f"no SAE {sae_id!r}; loaded SAEs: {listed}", "sae", "NotFoundError")
+    saes = saes_only(state.saes)
+    sae = saes.get(sae_id)
+    if sae is None:
+        raise APIError(HTTPStatus.NOT_FOUND, f"no SAE {sae_id!r}; loaded SAEs: {sorted(saes)}", "sae", "NotFoundError")
     catalogue = state.catalogues.get(sae_id)
     if catalogue is None:
         raise APIError(HTTPStatus.NOT_FOUND, f"SAE {sae_id!r} has no feature catalogue", "sae", "NotFoundError")

@@ -25,7 +25,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.models.api_router import show_available_models as vllm_models
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from features.vectors import DirectionSAE
+from features.vectors import DirectionSAE, saes_only
 from server import metrics
 from server.auth import caller
 from server.errors import openai_error
@@ -146,7 +146,7 @@ async def get_preset(name: str, raw_request: Request) -> dict | JSONResponse:
 @router.get("/v1/saes")
 async def list_saes(raw_request: Request) -> dict:
     state = steering_state(raw_request)
-    saes = [sae for sae in state.saes.values() if not isinstance(sae, DirectionSAE)]
+    saes = saes_only(state.saes).values()
     return {
         "object": "list",
         "data": [

@@ -42,7 +42,7 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
         entries.append(source_entry(sae))
         saes[sae_id] = sae
     vectors, loaded = [], {}
-    for vector_id, source in getattr(args, "vector", []):
+    for vector_id, source in args.vector:
         if any(e.id == vector_id for e in vectors):
             raise StartupError(f"--vector {vector_id}={source}: vector id {vector_id!r} is given twice")
         try:
@@ -62,7 +62,7 @@ def steering_settings(model: Path, args: argparse.Namespace) -> tuple[EngineSett
         saes=entries,
         vectors=vectors,
         hidden_size=hidden,
-        inline_vector_layers=_layers(getattr(args, "inline_vector_layers", None), layers) if args.max_inline_vectors else [],
+        inline_vector_layers=_layers(args.inline_vector_layers, layers) if args.max_inline_vectors else [],
         max_inline_vectors=args.max_inline_vectors,
         max_steered_requests=args.max_steered_requests,
         # Row 0 means "unsteered"; rows of finished requests are freed one engine step after

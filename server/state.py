@@ -15,7 +15,7 @@ from features.catalogue import Catalogue
 from features.formats import description_dir
 from features.residuals import ResidualReader
 from features.sae import SAE
-from features.vectors import DirectionSAE
+from features.vectors import saes_only
 from server.policy import KeyPolicy, Policy, authorize, authorize_steering
 from server.presets import Preset, PresetStore, parse_presets
 from server.readout import ReadoutHub
@@ -92,9 +92,7 @@ class SteeringState:
         self.settings = settings
         self.api = api
         self.saes: dict[str, SAE] = settings.load_saes()  # with the vectors' DirectionSAEs
-        self.catalogues = {
-            i: c for i, sae in self.saes.items() if not isinstance(sae, DirectionSAE) and (c := Catalogue.load(description_dir(sae.path))) is not None
-        }  # fmt: skip
+        self.catalogues = {i: c for i, sae in saes_only(self.saes).items() if (c := Catalogue.load(description_dir(sae.path))) is not None}
         self.model_dir = model_dir
         self._readers: dict[int, ResidualReader] = {}
         self._readers_lock = threading.Lock()

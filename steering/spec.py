@@ -42,7 +42,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.sae import SAE
-from features.vectors import PREFIX, DirectionSAE
+from features.vectors import PREFIX, DirectionSAE, saes_only
 
 Mode = Literal["add", "clamp", "ablate", "scale", "cap"]
 Unit = Literal["raw", "max_act", "norm"]
@@ -250,9 +250,7 @@ def resolve_readout(
     spec: ReadoutSpec, saes: Mapping[str, SAE], limits: SteeringLimits, steering: ResolvedSteering | None
 ) -> ResolvedReadout:
     """Check a readout spec against the loaded SAEs and limits. Raises SteeringError naming the field."""
-    sae = saes.get(spec.sae)
-    if sae is None or isinstance(sae, DirectionSAE):
-        raise SteeringError("readout.sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {_listed(saes)}")
+    sae = _find_sae(saes, spec.sae, "readout.sae")
     if spec.top_k > min(limits.max_readout_top_k, sae.cfg.d_sae):
         raise SteeringError("readout.top_k", f"top_k must be at most {min(limits.max_readout_top_k, sae.cfg.d_sae)}")
     if len(spec.features) > limits.max_readout_features:
@@ -286,9 +284,7 @@ def resolve_monitors(
         raise SteeringError(where, f"at most {limits.max_monitors} monitors, got {len(specs)}")
     resolved = []
     for n, spec in enumerate(specs):
-        sae = saes.get(spec.sae)
-        if sae is None or isinstance(sae, DirectionSAE):
-            raise SteeringError(f"{where}[{n}].sae", f"unknown SAE {spec.sae!r}; loaded SAEs: {_listed(saes)}")
+        sae = _find_sae(saes, spec.sae, f"{where}[{n}].sae")
         if spec.index >= sae.cfg.d_sae:
             raise SteeringError(f"{where}[{n}].index", f"index {spec.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
         above = _threshold(spec.above, spec.unit, sae, spec.index, f"{where}[{n}]")
@@ -350,9 +346,7 @@ def _targets(feature: FeatureIntervention, where: str, saes: Mapping[str, SAE], 
                 raise SteeringError(f"{where}.{field}", f"{field} applies to vectors; an SAE feature steers at its SAE's layer")
         if feature.mode == "cap":
             raise SteeringError(f"{where}.mode", "mode 'cap' applies to vectors; an SAE feature takes add, clamp, ablate or scale")
-        sae = saes.get(feature.sae)
-        if sae is None or isinstance(sae, DirectionSAE):
-            raise SteeringError(f"{where}.sae", f"unknown SAE {feature.sae!r}; loaded SAEs: {_listed(saes)}")
+        sae = _find_sae(saes, feature.sae, f"{where}.sae")
         if feature.index >= sae.cfg.d_sae:
             raise SteeringError(f"{where}.index", f"index {feature.index} out of range for SAE {sae.id!r}: 0 <= index < {sae.cfg.d_sae}")
         return [(sae, feature.index, None)]
@@ -474,9 +468,7 @@ def _resolve_one(
 
 
 def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:
-    sae = saes.get(condition.sae)
-    if sae is None or isinstance(sae, DirectionSAE):
-        raise SteeringError(f"{where}.sae", f"unknown SAE {condition.sae!r}; loaded SAEs: {_listed(saes)}")
+    sae = _find_sae(saes, condition.sae, f"{where}.sae")
     # A condition is read before the intervention's SAE steers: at an earlier layer, or by its own hook.
     if sae.cfg.layer > steered.cfg.layer or (sae.cfg.layer == steered.cfg.layer and sae.id != steered.id):
         raise SteeringError(
@@ -490,9 +482,12 @@ def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Map
     return ResolvedCondition(sae.id, condition.index, above, condition.scope == "sticky")
 
 
-def _listed(saes: Mapping[str, SAE]) -> list[str]:
-    """The loaded SAEs' ids, for a refusal: steering vectors' DirectionSAEs are not SAEs to name."""
-    return sorted(sae_id for sae_id, sae in saes.items() if not isinstance(sae, DirectionSAE))
+def _find_sae(saes: Mapping[str, SAE], sae_id: str, param: str) -> SAE:
+    """The loaded SAE `sae_id` (a layer's DirectionSAE is none); SteeringError on `param` if there is none."""
+    sae = saes_only(saes).get(sae_id)
+    if sae is None:
+        raise SteeringError(param, f"unknown SAE {sae_id!r}; loaded SAEs: {sorted(saes_only(saes))}")
+    return sae
 
 
 def _threshold(above: float, unit: str, sae: SAE, index: int, where: str) -> float:

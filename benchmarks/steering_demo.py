@@ -20,8 +20,10 @@ import json
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import torch
@@ -68,6 +70,7 @@ MAX_TOKENS = 80
 EMBEDDING_THRESHOLD = 0.3  # cosine similarity to the concept's description that counts as about it
 FLUENCY_LIMIT = 3.0  # a setting may be chosen if its median perplexity is at most this x unsteered
 SAE = "default"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -415,6 +418,19 @@ def write(results: list[dict], out: Path, seconds: float) -> None:
     plot(results, out / "steering_demo.png")
 
 
+def served(url: str | None, server_args: list[str], log: Path, work: Callable[[str], T]) -> T:
+    """`work(url)` against the steerserve at `url`, or against one started with `server_args` for it."""
+    server = None
+    if url is None:
+        print("starting steerserve ...", flush=True)
+        server = start_steerserve(server_args, log)
+    try:
+        return work(url or server.url)
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.steering_demo")
     parser.add_argument("--url", help="a running steerserve with the default SAE (default: start one)")
@@ -422,16 +438,7 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="run only the first N concepts")
     args = parser.parse_args()
     started = time.monotonic()
-    server = None
-    if args.url is None:
-        print("starting steerserve with the default SAE ...", flush=True)
-        server = start_steerserve([], args.out / "logs" / "steering-demo-server.log")
-    try:
-        judges = Judges()
-        results = run(args.url or server.url, judges, CONCEPTS[: args.concepts])
-    finally:
-        if server is not None:
-            stop_server(server)
+    results = served(args.url, [], args.out / "logs" / "steering-demo-server.log", lambda url: run(url, Judges(), CONCEPTS[: args.concepts]))
     write(results, args.out, time.monotonic() - started)
     print((args.out / "steering_demo.md").read_text())
 

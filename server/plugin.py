@@ -14,6 +14,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from server import lifecycle, limits
 from server.auth import BearerAuth
+from server.contrast import router as contrast_router
 from server.discovery import router as discovery_router
 from server.errors import APIError, api_error_handler
 from server.routes import router
@@ -29,6 +30,7 @@ class SteeringEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)  # replaces vLLM's completion routes and GET /v1/models
         app.include_router(discovery_router)
+        app.include_router(contrast_router)
         app.include_router(lifecycle.router)  # replaces GET /health
         app.add_exception_handler(APIError, api_error_handler)
         app.add_exception_handler(EngineDeadError, lifecycle.engine_dead)

@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -121,12 +122,38 @@ class Collector:
         return entry
 
 
+class ResidualSum:
+    """One request's residual sum (`WireResidual`), as the worker's steps send it."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.last = 0, None, None
+        self._ended = asyncio.Event()
+
+    def add(self, batch: ReadoutBatch) -> None:
+        if batch.residual is not None:
+            count, total, last = batch.residual
+            self.count += count
+            self.total = torch.tensor(total) if self.total is None else self.total + torch.tensor(total)
+            if last is not None:
+                self.last = torch.tensor(last)
+        if batch.end:
+            self._ended.set()
+
+    async def until_ended(self) -> bool:
+        """Wait until the worker has sent all of it; False on timeout."""
+        try:
+            await asyncio.wait_for(self._ended.wait(), COMPLETION_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return True
+
+
 class ReadoutHub:
     """This API process's end of the readout channel."""
 
     def __init__(self) -> None:
         self.address = f"ipc://{tempfile.gettempdir()}/steerserve-readout-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._collectors: dict[str, Collector] = {}
+        self._collectors: dict[str, Collector | ResidualSum] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -145,9 +172,14 @@ class ReadoutHub:
     def open(
         self, readout: ResolvedReadout | None, monitors: tuple[ResolvedMonitor, ...], choices: int, token_text: Callable[[int], str]
     ) -> tuple[str, Collector]:
+        collector = Collector(readout, monitors, choices, token_text)
+        return self.add(collector), collector
+
+    def add(self, collector: Collector | ResidualSum) -> str:
+        """Route the batches of a new readout id to `collector`; the id."""
         readout_id = uuid.uuid4().hex
-        self._collectors[readout_id] = collector = Collector(readout, monitors, choices, token_text)
-        return readout_id, collector
+        self._collectors[readout_id] = collector
+        return readout_id
 
     def close(self, readout_id: str) -> None:
         self._collectors.pop(readout_id, None)

@@ -170,17 +170,21 @@ async def list_saes(raw_request: Request) -> dict:
 
 @router.get("/v1/vectors")
 async def list_vectors(raw_request: Request) -> dict:
-    """The loaded steering vectors: where each has a direction, and its norm there."""
+    """The steering vectors: loaded at start-up, or derived and kept (`"source": "contrast"`);
+    where each has a direction, and its norm there."""
+    state = steering_state(raw_request)
     layers: dict[str, dict[int, float]] = {}
-    for sae in steering_state(raw_request).saes.values():
+    for sae in state.saes.values():
         if isinstance(sae, DirectionSAE):
             for vector, j in sae.vectors.items():
-                layers.setdefault(vector, {})[sae.cfg.layer] = round(float(sae.W_dec[2 * j].norm()), 6)
+                layers.setdefault(vector, {})[sae.cfg.layer] = float(sae.W_dec[2 * j].norm())
+    kept = {name: {saved.layer: float(saved.vector.norm())} for name, saved in state.saved.vectors.items()}
     return {
         "object": "list",
         "data": [
-            {"id": vector, "object": "vector", "owned_by": "steerserve", "layers": sorted(norms), "norms": {str(k): v for k, v in sorted(norms.items())}}
-            for vector, norms in sorted(layers.items())
+            {"id": vector, "object": "vector", "owned_by": "steerserve", "source": source, "layers": sorted(norms),
+             "norms": {str(k): round(v, 6) for k, v in sorted(norms.items())}}
+            for source, found in (("file", layers), ("contrast", kept)) for vector, norms in sorted(found.items())
         ],
     }  # fmt: skip
 

@@ -15,7 +15,7 @@ from features.catalogue import Catalogue
 from features.formats import description_dir
 from features.residuals import ResidualReader
 from features.sae import SAE
-from features.vectors import saes_only
+from features.vectors import DirectionSAE, saes_only
 from server.policy import KeyPolicy, Policy, authorize, authorize_steering
 from server.presets import Preset, PresetStore, parse_presets
 from server.readout import ReadoutHub
@@ -73,6 +73,45 @@ class SteeringGate:
 
 
 @dataclass(frozen=True)
+class SavedVector:
+    layer: int
+    vector: torch.Tensor  # [d_in] float32
+
+
+class SavedVectors:
+    """Vectors derived by `POST /v1/vectors/contrast` and kept under a name, in this API process
+    (so not with several: each would know its own). A request names one as a loaded vector; it
+    travels to the worker as that request's own (inline) vector, at its layer unless the request
+    gives layers."""
+
+    MAX = 64
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, SavedVector] = {}
+
+    def check_name(self, name: str, saes: dict[str, SAE], shared: bool) -> None:
+        """Raise SteeringError if a vector may not be kept under `name` here."""
+        if shared:
+            raise SteeringError("name", "with several API processes (--api-server-count) a kept vector would be known to one; omit name and send the vector inline")
+        if any(isinstance(sae, DirectionSAE) and name in sae.vectors for sae in saes.values()):
+            raise SteeringError("name", f"{name!r} is a vector loaded at start-up; choose another name")
+        if name not in self.vectors and len(self.vectors) >= self.MAX:
+            raise SteeringError("name", f"at most {self.MAX} vectors are kept; reuse a name: {sorted(self.vectors)[:8]} ...")
+
+    def put(self, name: str, saved: SavedVector) -> None:
+        self.vectors[name] = saved
+
+    def expand(self, spec: SteeringSpec) -> SteeringSpec:
+        """`spec` with each kept vector it names given as numbers (at its layer unless it gives layers)."""
+        features = [
+            f.model_copy(update={"vector": self.vectors[f.vector].vector.tolist(), "layer": f.layer if f.layer is not None or f.layers else self.vectors[f.vector].layer})
+            if isinstance(f.vector, str) and f.vector in self.vectors else f
+            for f in spec.features
+        ]  # fmt: skip
+        return spec.model_copy(update={"features": features}) if features != spec.features else spec
+
+
+@dataclass(frozen=True)
 class Plan:
     """A request's steering once presets are expanded, the policy applied and the spec resolved."""
 
@@ -101,6 +140,7 @@ class SteeringState:
         self.presets = PresetStore(Path(api.presets) if api.presets else None, self.parse_presets)
         self.policy = Policy.load(Path(api.policy) if api.policy else None, api.api_keys)
         self.readouts = ReadoutHub()
+        self.saved = SavedVectors()
 
     @functools.cached_property
     def tokenizer(self):
@@ -149,6 +189,7 @@ class SteeringState:
             preset = named
         authorize(key, model, preset.name if preset else None, raw_features=bool(spec and spec.features))
         expanded = preset.spec(spec) if preset is not None else spec
+        expanded = self.saved.expand(expanded) if expanded is not None else None
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
         authorize_steering(key, resolved)
         base = preset.model if preset else model

@@ -103,6 +103,7 @@ class ReadoutSpan:
     position: int  # the position of token `start` in its sequence
     token_ids: list[int]  # the input token at each
     prompt_tokens: int  # the prompt's length
+    fresh: int = 0  # the first position no earlier step computed (a preempted request recomputes its tokens)
 
 
 @dataclass
@@ -333,9 +334,11 @@ class SAESteering(nn.Module):
         tokens = self._readout(hidden, residual, spans, before)
         for span, read in zip(spans, tokens):
             fired = self._watch(hidden, residual, span)
-            if read or fired:
+            summed = self._residual(hidden, residual, span)
+            if read or fired or summed:
                 self.read.append(ReadoutBatch.model_construct(
-                    id=span.request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=read, fired=fired, end=False
+                    id=span.request.id, req=span.req_id, prompt_tokens=span.prompt_tokens, tokens=read, fired=fired,
+                    residual=summed, end=False,
                 ))  # fmt: skip
 
     def _readout(self, hidden: torch.Tensor, residual: torch.Tensor, spans: list[ReadoutSpan], before: list[torch.Tensor]) -> list[list]:
@@ -387,6 +390,22 @@ class SAESteering(nn.Module):
                 if monitor.stop:
                     self.routing.stop.add(span.req_id)
         return fired
+
+    def _residual(self, hidden: torch.Tensor, residual: torch.Tensor, span: ReadoutSpan) -> tuple | None:
+        """The span's part of the request's residual sum (`WireResidual`): the stream at each prompt
+        position from the request's `first` on that no earlier step computed, summed in float32,
+        and the stream at the prompt's last position if this span holds it."""
+        wanted = span.request.residual
+        if wanted is None or wanted.sae != self.sae.id:
+            return None
+        end = min(span.position + span.end - span.start, span.prompt_tokens)
+        start = max(span.position, span.fresh, wanted.first)
+        if start >= end:
+            return None
+        rows = slice(span.start + start - span.position, span.start + end - span.position)
+        stream = hidden[rows].float() + residual[rows].float()
+        last = stream[-1].tolist() if end == span.prompt_tokens else None
+        return end - start, stream.sum(0).tolist(), last
 
     def _steer_row(self, hidden: torch.Tensor, residual: torch.Tensor, row: int, k: int, start: int, end: int) -> None:
         """hidden[start:end] [n, d_in] += the delta of one request's tokens through its row's K features."""

@@ -140,6 +140,14 @@ class WireMonitor(BaseModel):
     scope: Scope
 
 
+class WireResidual(BaseModel):
+    """Sum the residual stream over the prompt's positions from `first` on, at the layer of
+    `sae` (the stream its hook sees, as the next layer reads it), and keep the last position's."""
+
+    sae: str
+    first: int
+
+
 class ReadoutRequest(BaseModel):
     """What the worker reads and watches for a request, and where it sends what it found."""
 
@@ -148,9 +156,14 @@ class ReadoutRequest(BaseModel):
     readout: WireReadout | None = None
     monitors: list[WireMonitor] = []
     stop_token: int | None = None  # what a stop monitor forces: a stop token of the request
+    residual: WireResidual | None = None
 
     def touches(self, sae: str) -> bool:
-        return (self.readout is not None and self.readout.sae == sae) or any(m.sae == sae for m in self.monitors)
+        return (
+            (self.readout is not None and self.readout.sae == sae)
+            or any(m.sae == sae for m in self.monitors)
+            or (self.residual is not None and self.residual.sae == sae)
+        )
 
     @classmethod
     def of(
@@ -169,13 +182,16 @@ class ReadoutBatch(BaseModel):
 
     Each token: [position, token id, [[index, activation], ...] (top_k, most active first),
     [activation of each listed feature], [activation of each steered feature before steering]].
-    A position read again (a preempted request recomputed) carries the same values."""
+    A position read again (a preempted request recomputed) carries the same values.
+    `residual` (a `WireResidual` asked for it): [positions summed, their sum, the stream at the
+    prompt's last position if this step computed it, else null], each position summed once."""
 
     id: str
     req: str  # the engine's request id: `{i}_...` for choice i when n > 1
     prompt_tokens: int = 0  # the prompt's length: positions before it are the prompt's
     tokens: list[tuple[int, int, list[tuple[int, float]], list[float], list[float]]] = []
     fired: list[tuple[int, int, int, float]] = []  # (monitor's place in the request's list, position, token id, activation)
+    residual: tuple[int, list[float], list[float] | None] | None = None
     end: bool = False
 
     # Several per step per reading request cross the wire: plain JSON both ways, unvalidated (the

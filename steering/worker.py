@@ -68,6 +68,7 @@ class Steerer:
         self.rows = rows
         self._send = send
         self._readout_of_req: dict[str, ReadoutRequest | None] = {}
+        self._computed_to: dict[str, int] = {}  # per reading request, the end of the positions computed so far
         self.index = TokenIndex.zeros(max_num_tokens, device)
         self.routing = StepRouting()
         self._routed = 0  # tokens written by the previous step; the rest of the index is already 0
@@ -99,6 +100,7 @@ class Steerer:
             self._free.append(row)
         self.routing.stop.discard(req_id)
         readout = self._readout_of_req.pop(req_id, None)
+        self._computed_to.pop(req_id, None)
         if readout is not None and self._send is not None:
             self._send(readout.to, ReadoutBatch(id=readout.id, req=req_id, end=True))
 
@@ -173,10 +175,12 @@ class Steerer:
             request = self._readout_of_req[req_id]
             if request is None:
                 continue
-            start, end = int(starts[i]), int(ends[i])
+            start, end, position = int(starts[i]), int(ends[i]), int(num_computed[i])
             if start < end:
                 ids = input_ids[start:end].tolist() if input_ids is not None else [-1] * (end - start)
-                spans.append(ReadoutSpan(req_id, request, start, end, int(num_computed[i]), ids, int(num_prompt[i])))
+                fresh = self._computed_to.get(req_id, 0)
+                self._computed_to[req_id] = max(fresh, position + end - start)
+                spans.append(ReadoutSpan(req_id, request, start, end, position, ids, int(num_prompt[i]), fresh))
         return spans
 
     def _row(self, req_id: str, extra_args: Callable[[str], dict | None]) -> int:

@@ -35,8 +35,11 @@ from benchmarks.steering_demo import (
     times,
 )
 
-LAYERS = [8, 15, 22]  # of SmolLM2-135M's 30
-STRENGTHS = [2.0, 3.0, 4.0, 5.0, 6.0]
+# Strengths per layer (of SmolLM2-135M's 30), in multiples of the difference. Chosen on the
+# bridge's pilot with 2-6x at layers 8, 15 and 22: layer 8 was never both fluent and on topic,
+# layer 15 went from 50% to 94% of mentions between 2x and 3x, and layer 22 stayed fluent to 6x.
+GRID = {15: [2.0, 2.5, 3.0, 4.0], 22: [4.0, 5.0, 6.0, 8.0]}
+LAYERS = sorted(GRID)
 TEMPLATES = [
     "Tell me about {}.", "Write a short poem about {}.", "What is the history of {}?", "Describe {} to a child.",
     "Why do people like {}?", "Give me three facts about {}.", "What comes to mind when you think of {}?",
@@ -96,7 +99,7 @@ def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
         derived = derive(url, concept)
         target = judges.embed([concept.description])[0]
         pilot = [{"layer": None, "strength": 0.0, **score(concept, judges, unsteered["pilot"], PILOT_PROMPTS, target)}]
-        pilot += measure(url, concept, judges, PILOT_PROMPTS, [(layer, s) for layer in LAYERS for s in STRENGTHS])
+        pilot += measure(url, concept, judges, PILOT_PROMPTS, [(layer, s) for layer, strengths in GRID.items() for s in strengths])
         chosen, fluent = choose(pilot)
         top = pilot[chosen]
         print(f"{concept.name}: chose layer {top['layer']} at {top['strength']:g}x on the pilot; evaluating it", flush=True)
@@ -116,7 +119,8 @@ def markdown(results: list[dict], seconds: float) -> str:
         f"Per concept, `POST /v1/vectors/contrast` derived a difference-of-means direction at layers {LAYERS} from "
         f"{len(TEMPLATES) * 4} chats about the concept against {len(TEMPLATES) * len(NEUTRAL)} neutral ones (each of "
         f"{len(TEMPLATES)} requests about 4 subjects of the concept, or about {', '.join(NEUTRAL)}). On {len(PILOT_PROMPTS)} "
-        f"pilot prompts each was added at {', '.join(f'{s:g}' for s in STRENGTHS)}x its length (unit `raw`), and the "
+        f"pilot prompts each was added at several multiples of its length (unit `raw`: "
+        f"{'; '.join(f'layer {layer} at ' + ', '.join(f'{s:g}' for s in strengths) + 'x' for layer, strengths in GRID.items())}), and the "
         f"setting with the most keyword mentions whose median perplexity stayed within {FLUENCY_LIMIT:g}x unsteered was "
         f"chosen. Only it, and the unsteered model, then answered the {len(PROMPTS)} evaluation prompts, which neither "
         f"the derivation nor the choice saw. {MAX_TOKENS} tokens, temperature 0.7, seeded; judges, prompts and "
@@ -193,7 +197,7 @@ def main() -> None:
     results = served(args.url, server_args, args.out / "logs" / "contrast-demo-server.log", lambda url: run(url, Judges(), CONCEPTS[: args.concepts]))
     seconds = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"seconds": round(seconds), "layers": LAYERS, "strengths": STRENGTHS, "positive_subjects": SUBJECTS,
+    record = {"seconds": round(seconds), "strengths": GRID, "positive_subjects": SUBJECTS,
               "neutral_subjects": NEUTRAL, "templates": TEMPLATES, "results": results}  # fmt: skip
     (args.out / "contrast.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "contrast.md").write_text(markdown(results, seconds))

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test unit bench demo sae
+.PHONY: setup browser serve test unit bench demo sae
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 serve: setup
 	$(BIN)/steerserve serve --presets server/presets.example.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -v
+
+# The playground's browser test drives Debian's chromium through Playwright: no browser download.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 # The unit tier alone: no engine, under a minute.
 unit: setup

@@ -17,6 +17,7 @@ from server.auth import BearerAuth
 from server.contrast import router as contrast_router
 from server.discovery import router as discovery_router
 from server.errors import APIError, api_error_handler
+from server.playground import router as playground_router
 from server.routes import router
 from server.settings import APISettings
 from server.state import SteeringState
@@ -31,6 +32,7 @@ class SteeringEndpoints:
         app.include_router(router)  # replaces vLLM's completion routes and GET /v1/models
         app.include_router(discovery_router)
         app.include_router(contrast_router)
+        app.include_router(playground_router)
         app.include_router(lifecycle.router)  # replaces GET /health
         app.add_exception_handler(APIError, api_error_handler)
         app.add_exception_handler(EngineDeadError, lifecycle.engine_dead)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from steering.spec import ResolvedMonitor, ResolvedReadout
-from steering.wire import READOUT_KEY, ReadoutRequest
+from steering.wire import READOUT_KEY, ReadoutRequest, WireResidual
 from steering.worker import Steerer
 from tests.helpers import Model
 from tests.saes import D, make_sae
@@ -73,3 +73,31 @@ def test_a_stop_forces_the_stop_token_until_the_request_leaves(tmp_path):
     assert logits[1].argmax() == 7 and torch.isinf(logits[1]).sum() == 9
     steerer.release("a")
     assert not steerer.routing.stop and sent[-1].end
+
+
+def test_a_residual_sum_counts_each_prompt_position_once_across_chunks_and_recompute(tmp_path):
+    sae = make_sae(tmp_path, "jumprelu", "none")
+    sent = []
+    steerer = Steerer(Model(), [("t", str(sae.path))], rows=3, width=2, max_num_tokens=16, device=torch.device("cpu"),
+                      send=lambda to, batch: sent.append(batch))  # fmt: skip
+    request = ReadoutRequest(id="r1", to="ipc://nowhere", residual=WireResidual(sae="t", first=1))
+    args = {"a": {READOUT_KEY: request.model_dump_json()}}
+    stream = torch.randn(PROMPT + 1, D, generator=torch.Generator().manual_seed(1))  # the stream at each position
+
+    def step(computed: int, n: int) -> None:
+        x = torch.cat([torch.randn(2, D), stream[computed : computed + n]])
+        half = x / 2  # hidden and residual: the stream is their sum
+        steerer.route(["b", "a"], np.array([2, n]), args.get, np.array([0, computed]), np.array([9, PROMPT]), np.arange(2 + n))
+        steerer.hooks["t"](half.clone(), half.clone())
+        steerer.flush()
+
+    step(0, 3)  # a chunk of the prompt
+    step(3, 2)  # the rest
+    step(0, PROMPT)  # preempted and recomputed: nothing new
+    step(PROMPT, 1)  # an answer token: not the prompt's
+    count = sum(b.residual[0] for b in sent if b.residual)
+    total = sum(torch.tensor(b.residual[1]) for b in sent if b.residual)
+    (last,) = [b.residual[2] for b in sent if b.residual and b.residual[2] is not None]
+    assert count == PROMPT - 1
+    assert torch.allclose(total, stream[1:PROMPT].sum(0), atol=1e-5)
+    assert torch.allclose(torch.tensor(last), stream[PROMPT - 1], atol=1e-6)

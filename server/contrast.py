@@ -18,9 +18,10 @@ from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from vllm import SamplingParams
-from vllm.inputs.engine import tokens_input
+from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from features.contrast import Method, contrast
@@ -66,12 +67,14 @@ class ContrastRequest(BaseModel):
     )
 
 
-@router.post("/v1/vectors/contrast")
-async def derive_vector(body: ContrastRequest, raw_request: Request, key: Annotated[KeyPolicy | None, Depends(caller)]) -> dict:
+@router.post("/v1/vectors/contrast", response_model=None)
+async def derive_vector(
+    body: ContrastRequest, raw_request: Request, key: Annotated[KeyPolicy | None, Depends(caller)]
+) -> dict | JSONResponse:
     state: SteeringState = raw_request.app.state.steering
     _check(body, state, key)
     if (refusal := lifecycle(raw_request).refusal()) is not None:
-        return refusal  # type: ignore[return-value]
+        return refusal
     examples = [_tokens(state, example, f"{side}[{n}]") for side in ("positive", "negative") for n, example in enumerate(getattr(body, side))]
     shared = _common_prefix(examples)
     engine = raw_request.app.state.engine_client
@@ -163,7 +166,7 @@ async def _residual(state: SteeringState, engine, ids: list[int], layer: int, fi
     try:
         request = ReadoutRequest(id=readout_id, to=state.readouts.address, residual=WireResidual(sae=f"{PREFIX}{layer}", first=first))
         params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={READOUT_KEY: request.model_dump_json()})
-        async for _ in engine.generate(tokens_input(ids, cache_salt=readout_id), params, f"contrast-{readout_id}"):
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids, cache_salt=readout_id), params, f"contrast-{readout_id}"):
             pass
         if not await summed.until_ended() or summed.total is None or summed.last is None:
             raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine did not report the example's stream; retry", "layer", "ServiceUnavailableError")

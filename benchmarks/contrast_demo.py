@@ -3,9 +3,9 @@
 Per concept, `POST /v1/vectors/contrast` derives a difference-of-means direction at each of
 LAYERS from 32 chats about the concept against 32 neutral ones (the same 8 requests, each about 4
 subjects of the concept or 4 neutral ones, so the pairs differ in their subject only). On the
-pilot prompts each direction is added at several strengths (multiples of the difference itself,
-unit `raw`), and the setting with the most mentions whose median perplexity stays within 3x
-unsteered is chosen; only that setting then answers the evaluation prompts, which neither the
+pilot prompts the directions are added at each of SETTINGS (layers, and a strength as a fraction
+of the stream's norm there), and the setting with the most mentions whose median perplexity stays
+within 3x unsteered is chosen; only that setting then answers the evaluation prompts, which neither the
 derivation nor the choice saw. Answers, judges and prompts are the steering demo's
 (benchmarks/steering_demo.py). Writes contrast.json, .md and .png under benchmarks/results/.
 """
@@ -35,11 +35,14 @@ from benchmarks.steering_demo import (
     times,
 )
 
-# Strengths per layer (of SmolLM2-135M's 30), in multiples of the difference. Chosen on the
-# bridge's pilot with 2-6x at layers 8, 15 and 22: layer 8 was never both fluent and on topic,
-# layer 15 went from 50% to 94% of mentions between 2x and 3x, and layer 22 stayed fluent to 6x.
-GRID = {15: [2.0, 2.5, 3.0, 4.0], 22: [4.0, 5.0, 6.0, 8.0]}
-LAYERS = sorted(GRID)
+# Where each concept's directions are added (each layer its own direction, derived there) and how
+# hard: a fraction of the examples' mean stream norm at that layer (unit `norm`). Fractions carry
+# over between concepts where multiples of the difference do not (a concept named in fewer tokens
+# differs less on average). Chosen on the pilot prompts of the bridge and dogs: at layers 8, 15
+# and 22 with 2-6x the difference, layer 8 was never both fluent and on topic and layer 22 stayed
+# under 70% of mentions; at layer 15, 0.35-0.4 of the stream norm moved from half to most answers.
+SETTINGS = [((15,), f) for f in (0.35, 0.4, 0.45, 0.5)] + [((14, 15, 16), f) for f in (0.12, 0.15)]
+LAYERS = sorted({layer for layers, _ in SETTINGS for layer in layers})
 TEMPLATES = [
     "Tell me about {}.", "Write a short poem about {}.", "What is the history of {}?", "Describe {} to a child.",
     "Why do people like {}?", "Give me three facts about {}.", "What comes to mind when you think of {}?",
@@ -63,29 +66,40 @@ def slug(concept: Concept, layer: int) -> str:
     return f"{re.sub(r'[^a-z0-9]+', '-', concept.name.lower()).strip('-')[:40]}-{layer}"
 
 
-def derive(url: str, concept: Concept) -> list[dict]:
-    """The concept's direction at each layer, kept on the server under `slug`."""
-    derived = []
+def derive(url: str, concept: Concept) -> dict[int, dict]:
+    """The concept's direction at each layer, kept on the server under `slug`, by layer."""
+    derived = {}
     for layer in LAYERS:
         body = {"positive": chats(SUBJECTS[concept.name]), "negative": chats(NEUTRAL), "layer": layer, "name": slug(concept, layer)}
         reply = httpx.post(f"{url}/v1/vectors/contrast", json=body, timeout=1800)
         reply.raise_for_status()
-        found = {k: v for k, v in reply.json().items() if k != "vector"}
+        derived[layer] = found = {k: v for k, v in reply.json().items() if k != "vector"}
         print(f"  layer {layer}: |v| {found['norm']:.1f} (stream {found['stream_norm']:.1f}), accuracy {found['accuracy']:.0%}", flush=True)
-        derived.append(found)
     return derived
 
 
-def add(concept: Concept, layer: int, strength: float) -> dict:
-    return {"features": [{"vector": slug(concept, layer), "mode": "add", "strength": strength, "unit": "raw"}]}
+def add(concept: Concept, derived: dict[int, dict], layers: tuple[int, ...], fraction: float) -> dict:
+    """Each layer's direction added at `fraction` of the stream's norm there."""
+    features = [{"vector": slug(concept, layer), "layer": layer, "mode": "add", "strength": fraction * derived[layer]["stream_norm"], "unit": "norm"}
+                for layer in layers]  # fmt: skip
+    return {"features": features}
 
 
-def measure(url: str, concept: Concept, judges: Judges, prompts: list[str], settings: list[tuple[int, float]]) -> list[dict]:
+def name(layers: list[int] | tuple[int, ...]) -> str:
+    return "unsteered" if not layers else f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+
+
+def setting(row: dict) -> str:
+    return f"{name(row['layers'])} at {row['fraction']:g}" if row["layers"] else "unsteered"
+
+
+def measure(url: str, concept: Concept, judges: Judges, derived: dict[int, dict], prompts: list[str],
+            settings: list[tuple[tuple[int, ...], float]]) -> list[dict]:  # fmt: skip
     target = judges.embed([concept.description])[0]
     rows = []
-    for (layer, strength), texts in zip(settings, answers(url, [add(concept, *s) for s in settings], prompts)):
-        row = {"layer": layer, "strength": strength, **score(concept, judges, texts, prompts, target)}
-        print(f"  layer {layer} at {strength:g}x on {len(prompts)} prompts: mentions {row['keyword_rate']:.0%} "
+    for (layers, fraction), texts in zip(settings, answers(url, [add(concept, derived, *s) for s in settings], prompts)):
+        row = {"layers": list(layers), "fraction": fraction, **score(concept, judges, texts, prompts, target)}
+        print(f"  {setting(row)} of the stream norm on {len(prompts)} prompts: mentions {row['keyword_rate']:.0%} "
               f"(embedding {row['embedding_rate']:.0%}), median ppl {row['median_perplexity']:.1f}", flush=True)  # fmt: skip
         rows.append(row)
     return rows
@@ -98,16 +112,16 @@ def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
         print(f"{concept.name}: deriving", flush=True)
         derived = derive(url, concept)
         target = judges.embed([concept.description])[0]
-        pilot = [{"layer": None, "strength": 0.0, **score(concept, judges, unsteered["pilot"], PILOT_PROMPTS, target)}]
-        pilot += measure(url, concept, judges, PILOT_PROMPTS, [(layer, s) for layer, strengths in GRID.items() for s in strengths])
+        pilot = [{"layers": [], "fraction": 0.0, **score(concept, judges, unsteered["pilot"], PILOT_PROMPTS, target)}]
+        pilot += measure(url, concept, judges, derived, PILOT_PROMPTS, SETTINGS)
         chosen, fluent = choose(pilot)
         top = pilot[chosen]
-        print(f"{concept.name}: chose layer {top['layer']} at {top['strength']:g}x on the pilot; evaluating it", flush=True)
+        print(f"{concept.name}: chose {setting(top)} on the pilot; evaluating it", flush=True)
         evaluation = [
-            {"layer": None, "strength": 0.0, **score(concept, judges, unsteered["evaluation"], PROMPTS, target)},
-            *measure(url, concept, judges, PROMPTS, [(top["layer"], top["strength"])]),
+            {"layers": [], "fraction": 0.0, **score(concept, judges, unsteered["evaluation"], PROMPTS, target)},
+            *measure(url, concept, judges, derived, PROMPTS, [(tuple(top["layers"]), top["fraction"])]),
         ]
-        results.append({"concept": concept.name, "derived": derived, "pilot": pilot, "chosen": chosen,
+        results.append({"concept": concept.name, "derived": list(derived.values()), "pilot": pilot, "chosen": chosen,
                         "fluent_on_pilot": fluent, "evaluation": evaluation})  # fmt: skip
     return results
 
@@ -119,9 +133,9 @@ def markdown(results: list[dict], seconds: float) -> str:
         f"Per concept, `POST /v1/vectors/contrast` derived a difference-of-means direction at layers {LAYERS} from "
         f"{len(TEMPLATES) * 4} chats about the concept against {len(TEMPLATES) * len(NEUTRAL)} neutral ones (each of "
         f"{len(TEMPLATES)} requests about 4 subjects of the concept, or about {', '.join(NEUTRAL)}). On {len(PILOT_PROMPTS)} "
-        f"pilot prompts each was added at several multiples of its length (unit `raw`: "
-        f"{'; '.join(f'layer {layer} at ' + ', '.join(f'{s:g}' for s in strengths) + 'x' for layer, strengths in GRID.items())}), and the "
-        f"setting with the most keyword mentions whose median perplexity stayed within {FLUENCY_LIMIT:g}x unsteered was "
+        f"pilot prompts the directions were added, each at its own layer, at a fraction of the examples' mean stream "
+        f"norm there (unit `norm`; the reply's `stream_norm`): {'; '.join(f'{name(layers)} at {f:g}' for layers, f in SETTINGS)}. "
+        f"The setting with the most keyword mentions whose median perplexity stayed within {FLUENCY_LIMIT:g}x unsteered was "
         f"chosen. Only it, and the unsteered model, then answered the {len(PROMPTS)} evaluation prompts, which neither "
         f"the derivation nor the choice saw. {MAX_TOKENS} tokens, temperature 0.7, seeded; judges, prompts and "
         f"perplexity as in the [steering demo](steering_demo.md). Run took {seconds:.0f} s.",
@@ -134,7 +148,7 @@ def markdown(results: list[dict], seconds: float) -> str:
     for r in results:
         base, row = r["evaluation"]
         lines.append(
-            f"| {r['concept']} | layer {row['layer']} at {row['strength']:g}x | {row['keyword_rate']:.0%} ({base['keyword_rate']:.0%}) "
+            f"| {r['concept']} | {setting(row)} | {row['keyword_rate']:.0%} ({base['keyword_rate']:.0%}) "
             f"| {row['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | {row['median_perplexity']:.1f} ({times(row, base):.2f}x) "
             f"| {row['repetition']:.2f} ({base['repetition']:.2f}) |"
         )
@@ -144,13 +158,12 @@ def markdown(results: list[dict], seconds: float) -> str:
         example = row["example"][:160].replace("\n", " ")
         lines.append(f"- **{r['concept']}** ({PROMPTS[0]!r}): \"{example}\"")
     lines += ["", f"## On the pilot ({len(PILOT_PROMPTS)} prompts): every setting, and the one chosen", "",
-              "| concept | layer | strength | mentions | embedding | median ppl (x unsteered) | chosen |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| concept | setting (fraction of the stream norm) | mentions | embedding | median ppl (x unsteered) | chosen |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         base = r["pilot"][0]
         for n, row in enumerate(r["pilot"]):
-            layer = "unsteered" if row["layer"] is None else row["layer"]
             lines.append(
-                f"| {r['concept']} | {layer} | {row['strength']:g} | {row['keyword_rate']:.0%} | {row['embedding_rate']:.0%} "
+                f"| {r['concept']} | {setting(row)} | {row['keyword_rate']:.0%} | {row['embedding_rate']:.0%} "
                 f"| {row['median_perplexity']:.1f} ({times(row, base):.2f}x) | {'yes' if n == r['chosen'] else ''} |"
             )
     lines += ["", "## The derived directions", "", "| concept | layer | length | mean stream norm | accuracy on its examples |", "|---|---|---|---|---|"]
@@ -169,9 +182,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
     for ax, r in zip(axes[0], results):
         base = r["pilot"][0]
-        for layer in LAYERS:
-            rows = [row for row in r["pilot"] if row["layer"] == layer]
-            ax.plot([times(row, base) for row in rows], [row["keyword_rate"] for row in rows], "o-", label=f"layer {layer} (pilot)")
+        for layers in dict.fromkeys(layers for layers, _ in SETTINGS):
+            rows = [row for row in r["pilot"] if tuple(row["layers"]) == layers]
+            ax.plot([times(row, base) for row in rows], [row["keyword_rate"] for row in rows], "o-", label=f"{name(layers)} (pilot)")
         ev_base, ev = r["evaluation"]
         ax.plot([times(ev, ev_base)], [ev["keyword_rate"]], "k*", markersize=14, label="chosen, evaluation")
         ax.axvline(FLUENCY_LIMIT, color="grey", linestyle=":")
@@ -197,7 +210,7 @@ def main() -> None:
     results = served(args.url, server_args, args.out / "logs" / "contrast-demo-server.log", lambda url: run(url, Judges(), CONCEPTS[: args.concepts]))
     seconds = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"seconds": round(seconds), "strengths": GRID, "positive_subjects": SUBJECTS,
+    record = {"seconds": round(seconds), "settings": SETTINGS, "positive_subjects": SUBJECTS,
               "neutral_subjects": NEUTRAL, "templates": TEMPLATES, "results": results}  # fmt: skip
     (args.out / "contrast.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "contrast.md").write_text(markdown(results, seconds))

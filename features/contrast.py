@@ -25,7 +25,7 @@ Method = Literal["mean_diff", "pca"]
 class Contrast:
     vector: torch.Tensor  # [d_in] float32: the direction, at the length of the difference it stands for
     accuracy: float  # share of the examples on their own side of the midpoint between the two means, along it
-    stream_norm: float  # the examples' mean stream norm: the scale a strength in `norm` units compares with
+    stream_norm: float  # the mean norm of the examples' (pooled) streams: a scale for strengths in `norm` units
 
 
 def contrast(positive: torch.Tensor, negative: torch.Tensor, method: Method = "mean_diff") -> Contrast:

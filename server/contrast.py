@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -75,16 +76,27 @@ async def derive_vector(
     _check(body, state, key)
     if (refusal := lifecycle(raw_request).refusal()) is not None:
         return refusal
-    examples = [_tokens(state, example, f"{side}[{n}]") for side in ("positive", "negative") for n, example in enumerate(getattr(body, side))]
-    shared = _common_prefix(examples)
     engine = raw_request.app.state.engine_client
+    longest = min(MAX_EXAMPLE_TOKENS, engine.model_config.max_model_len - 1)  # one token is generated
+    named = [(f"{side}[{n}]", example) for side in ("positive", "negative") for n, example in enumerate(getattr(body, side))]
+    examples = await asyncio.to_thread(lambda: [_tokens(state, example, where, longest) for where, example in named])
+    shared = _common_prefix(examples)
     limit = asyncio.Semaphore(IN_FLIGHT)
 
     async def read(ids: list[int]) -> torch.Tensor:
         async with limit:
             return await _residual(state, engine, ids, body.layer, min(max(1, shared), len(ids) - 1), body.positions)
 
-    result = await lifecycle(raw_request).within_drain(asyncio.gather(*(read(ids) for ids in examples)))
+    async def read_all() -> list[torch.Tensor]:
+        # One example failing (503) cancels the rest rather than leaving them to run for nobody.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(read(ids)) for ids in examples]
+        except* Exception as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    result = await lifecycle(raw_request).within_drain(read_all())
     if not isinstance(result, list):
         return result  # the drain ran out: 503
     streams = torch.stack(result)
@@ -93,7 +105,7 @@ async def derive_vector(
     except ValueError as exc:
         raise APIError(HTTPStatus.BAD_REQUEST, str(exc), "method" if body.method == "pca" else "negative") from exc
     if body.name is not None:
-        state.saved.put(body.name, SavedVector(body.layer, derived.vector))
+        state.saved.put(body.name, SavedVector(body.layer, derived.vector, key.name if key else None))
     return {
         "object": "vector",
         "id": body.name,
@@ -129,22 +141,25 @@ def _check(body: ContrastRequest, state: SteeringState, key: KeyPolicy | None) -
         raise APIError(HTTPStatus.BAD_REQUEST, f"pca pairs the examples in order: give as many negative as positive ({len(body.positive)})", "negative")
     if body.name is not None:
         try:
-            state.saved.check_name(body.name, state.saes, state.gate.shared)
+            state.saved.check_name(body.name, state.saes, state.gate.shared, key.name if key else None)
         except SteeringError as exc:
             raise APIError(HTTPStatus.BAD_REQUEST, str(exc), exc.param) from exc
 
 
-def _tokens(state: SteeringState, example: str | list[Message], where: str) -> list[int]:
+def _tokens(state: SteeringState, example: str | list[Message], where: str, longest: int) -> list[int]:
     """An example as the model reads it: a text as /v1/completions tokenizes it, a chat through
     the model's chat template (with the assistant's turn opened unless the chat ends in one)."""
     tokenizer = state.tokenizer
-    if isinstance(example, str):
-        ids = tokenizer(example).input_ids
-    else:
-        messages = [m.model_dump() for m in example]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=example[-1].role != "assistant", tokenize=True, return_dict=False)
-    if len(ids) > MAX_EXAMPLE_TOKENS:
-        raise APIError(HTTPStatus.BAD_REQUEST, f"{len(ids)} tokens; an example may have at most {MAX_EXAMPLE_TOKENS}", where)
+    try:
+        if isinstance(example, str):
+            ids = tokenizer(example).input_ids
+        else:
+            messages = [m.model_dump() for m in example]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=example[-1].role != "assistant", tokenize=True, return_dict=False)
+    except (TemplateError, ValueError) as exc:  # the model's template refuses this chat (roles, or no template)
+        raise APIError(HTTPStatus.BAD_REQUEST, f"the model's chat template refuses it: {exc}", where) from exc
+    if len(ids) > longest:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"{len(ids)} tokens; an example may have at most {longest}", where)
     if len(ids) < 2:
         raise APIError(HTTPStatus.BAD_REQUEST, "an example needs at least 2 tokens (position 0 is never read)", where)
     return list(ids)

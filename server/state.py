@@ -76,6 +76,7 @@ class SteeringGate:
 class SavedVector:
     layer: int
     vector: torch.Tensor  # [d_in] float32
+    owner: str | None = None  # the key that kept it (None on an open server)
 
 
 class SavedVectors:
@@ -89,12 +90,15 @@ class SavedVectors:
     def __init__(self) -> None:
         self.vectors: dict[str, SavedVector] = {}
 
-    def check_name(self, name: str, saes: dict[str, SAE], shared: bool) -> None:
-        """Raise SteeringError if a vector may not be kept under `name` here."""
+    def check_name(self, name: str, saes: dict[str, SAE], shared: bool, owner: str | None) -> None:
+        """Raise SteeringError if a vector may not be kept under `name` here, by key `owner`: a
+        name is the server's, seen and steered with by every key, and only its keeper replaces it."""
         if shared:
             raise SteeringError("name", "with several API processes (--api-server-count) a kept vector would be known to one; omit name and send the vector inline")
         if any(isinstance(sae, DirectionSAE) and name in sae.vectors for sae in saes.values()):
             raise SteeringError("name", f"{name!r} is a vector loaded at start-up; choose another name")
+        if name in self.vectors and self.vectors[name].owner != owner:
+            raise SteeringError("name", f"{name!r} was kept by another key; choose another name")
         if name not in self.vectors and len(self.vectors) >= self.MAX:
             raise SteeringError("name", f"at most {self.MAX} vectors are kept; reuse a name: {sorted(self.vectors)[:8]} ...")
 

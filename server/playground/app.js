@@ -10,6 +10,7 @@ const state = {
   cards: new Map(), // "sae/index" -> a feature's card
   columns: { default: [], steered: [] }, // each column's own chat history
   busy: false,
+  reads: true, // whether this engine reads features (readouts are refused on GPU engines, for now)
 };
 
 // ---- the API, with the key asked for once when the server wants one ----
@@ -57,7 +58,7 @@ async function loadServer() {
   state.models = models.data;
   $("#model").replaceChildren(...models.data.map((m) => new Option(m.parent ? `${m.id} (preset of ${m.parent})` : m.id, m.id)));
   $("#sae").replaceChildren(...saes.data.filter((s) => s.has_catalogue).map((s) => new Option(`${s.id} (layer ${s.layer})`, s.id)));
-  for (const v of vectors.data) $("#vector").append(new Option(`${v.id} (layers ${v.layers.join(", ")})`, v.id));
+  $("#vector").replaceChildren(new Option("(a loaded vector)", ""), ...vectors.data.map((v) => new Option(`${v.id} (layers ${v.layers.join(", ")})`, v.id)));
 }
 
 const baseModel = () => {
@@ -96,12 +97,22 @@ function showResults(features) {
 
 async function card(sae, index) {
   const id = `${sae}/${index}`;
-  if (!state.cards.has(id)) state.cards.set(id, json(`/v1/saes/${encodeURIComponent(sae)}/features/${index}`));
+  if (!state.cards.has(id)) {
+    const loading = json(`/v1/saes/${encodeURIComponent(sae)}/features/${index}`);
+    loading.catch(() => state.cards.delete(id)); // a failure is tried again next time
+    state.cards.set(id, loading);
+  }
   return state.cards.get(id);
 }
 
 async function showCard(details, sae, index) {
-  const c = await card(sae, index);
+  let c;
+  try {
+    c = await card(sae, index);
+  } catch (error) {
+    details.append(Object.assign(document.createElement("p"), { className: "error", textContent: error.message }));
+    return;
+  }
   const body = document.createElement("div");
   body.className = "card";
   const facts = document.createElement("p");
@@ -129,8 +140,9 @@ function renderInterventions() {
   $("#no-interventions").hidden = state.interventions.length > 0;
   const colour = $("#colour").value;
   const features = state.interventions.filter((iv) => iv.kind === "feature");
-  $("#colour").replaceChildren(new Option("(none)", ""), ...features.map((iv) => new Option(`#${iv.index} (${iv.sae})`, `${iv.sae}/${iv.index}`)));
-  $("#colour").value = features.some((iv) => `${iv.sae}/${iv.index}` === colour) ? colour : "";
+  const value = (iv) => JSON.stringify([iv.sae, iv.index]); // an SAE id may hold any character
+  $("#colour").replaceChildren(new Option("(none)", ""), ...features.map((iv) => new Option(`#${iv.index} (${iv.sae})`, value(iv))));
+  $("#colour").value = features.some((iv) => value(iv) === colour) ? colour : "";
   $("#interventions").replaceChildren(...state.interventions.map((iv, n) => {
     const item = document.createElement("li");
     item.className = "intervention";
@@ -139,8 +151,7 @@ function renderInterventions() {
     const mode = select(MODES[iv.kind], iv.mode, (v) => (iv.mode = v), "mode");
     const unit = select(UNITS[iv.kind], iv.unit, (v) => (iv.unit = v), "unit");
     const tokens = select(["all", "prompt", "completion"], iv.tokens, (v) => (iv.tokens = v), "tokens");
-    const slider = input("range", iv.strength, (v) => { iv.strength = v; number.value = v; });
-    Object.assign(slider, { min: -10, max: 10, step: 0.25 });
+    const slider = input("range", iv.strength, (v) => { iv.strength = v; number.value = v; }, { min: -10, max: 10, step: 0.25 });
     slider.setAttribute("aria-label", `strength of intervention ${n + 1}`);
     const number = input("number", iv.strength, (v) => { iv.strength = v; slider.value = v; });
     number.step = "any";
@@ -199,15 +210,14 @@ function requestBody(column) {
 }
 
 function readoutFor() {
-  const [sae, index] = ($("#colour").value || "").split("/");
+  const [sae, index] = $("#colour").value ? JSON.parse($("#colour").value) : [];
   const fallback = state.interventions.find((iv) => iv.kind === "feature")?.sae ?? $("#sae").value;
   return sae ? { sae, top_k: 5, features: [Number(index)] } : fallback ? { sae: fallback, top_k: 5 } : null;
 }
 
 async function send(text) {
-  if (state.busy) return;
   state.busy = true;
-  $("#send").disabled = true;
+  $("#send").disabled = $("#clear").disabled = true;
   for (const node of document.querySelectorAll(".intervention .error, #steering-error")) node.textContent = "";
   try {
     const readout = readoutFor();
@@ -217,49 +227,58 @@ async function send(text) {
       asked[column] = requestBody(column);
       bubble(column, "user").textContent = text;
     }
-    await Promise.all(["default", "steered"].map((column) => stream(column, asked[column], readout)));
+    await Promise.allSettled(["default", "steered"].map((column) => stream(column, asked[column], readout)));
   } finally {
     state.busy = false;
-    $("#send").disabled = false;
+    $("#send").disabled = $("#clear").disabled = false;
   }
 }
 
+// One column's answer, streamed; any failure (refused, network, an error event) shows in its place.
 async function stream(column, body, readout) {
   const answer = bubble(column, "assistant");
+  const log = answer.parentElement;
   answer.dataset.state = "streaming";
+  log.setAttribute("aria-busy", "true");
   let text = "";
   let tokens = [];
-  let response = await api("/v1/chat/completions", { ...body, stream: true, ...(readout ? { readout } : {}) });
-  if (!response.ok) {
-    const error = apiError(await response.json());
-    if (readout && error.param?.startsWith("readout")) {
-      // This engine reads no features (a GPU engine, for now): the answer alone.
+  try {
+    let response = await api("/v1/chat/completions", { ...body, stream: true, ...(readout && state.reads ? { readout } : {}) });
+    if (!response.ok) {
+      const error = apiError(await response.json().catch(() => ({})));
+      if (!(readout && state.reads && error.param?.startsWith("readout"))) throw error;
+      state.reads = false; // this engine reads no features (a GPU engine, for now): answers alone from here on
       response = await api("/v1/chat/completions", { ...body, stream: true });
-    } else {
-      state.columns[column].pop();
-      answer.dataset.state = "error";
-      answer.textContent = error.message;
-      if (column === "steered") showSteeringError(error);
-      return;
+      if (!response.ok) throw apiError(await response.json().catch(() => ({})));
     }
-  }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    pending += decoder.decode(value, { stream: true });
-    const events = pending.split("\n\n");
-    pending = events.pop();
-    for (const event of events) {
-      if (!event.startsWith("data: {")) continue;
-      const choice = JSON.parse(event.slice(6)).choices?.[0];
-      if (!choice) continue;
-      text += choice.delta?.content ?? "";
-      tokens = tokens.concat(choice.readout?.tokens ?? []);
-      answer.textContent = text;
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let pending = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      pending += decoder.decode(value, { stream: true });
+      const events = pending.split("\n\n");
+      pending = events.pop();
+      for (const event of events) {
+        if (!event.startsWith("data: {")) continue;
+        const data = JSON.parse(event.slice(6));
+        if (data.error) throw apiError(data);
+        const choice = data.choices?.[0];
+        if (!choice) continue;
+        text += choice.delta?.content ?? "";
+        tokens = tokens.concat(choice.readout?.tokens ?? []);
+        answer.textContent = text;
+      }
     }
+  } catch (error) {
+    state.columns[column].pop(); // the turn did not happen: the user may send it again
+    answer.dataset.state = "error";
+    answer.textContent = error.message;
+    if (column === "steered") showSteeringError(error);
+    return;
+  } finally {
+    log.removeAttribute("aria-busy");
   }
   state.columns[column].push({ role: "assistant", content: text });
   answer.dataset.text = text;
@@ -285,7 +304,7 @@ function showTokens(answer, text, tokens, readout) {
     if (!text.startsWith(token.token, at)) break;
     const span = document.createElement("span");
     span.className = "token";
-    span.tabIndex = 0;
+    span.tabIndex = answer.querySelector(".token") ? -1 : 0; // one tab stop per answer; arrows move within it
     span.textContent = token.token;
     span.dataset.top = JSON.stringify(token.top);
     span.dataset.sae = readout.sae;
@@ -313,6 +332,7 @@ async function showTooltip(span) {
   const box = span.getBoundingClientRect();
   tip.style.left = `${Math.min(window.scrollX + box.left, window.scrollX + window.innerWidth - 260)}px`;
   tip.style.top = `${window.scrollY + box.bottom + 4}px`;
+  span.setAttribute("aria-describedby", "tooltip");
   tip.hidden = false;
 }
 
@@ -324,14 +344,14 @@ function lastTurn() {
   return end >= 0 ? messages.slice(0, end + 1) : [{ role: "user", content: $("#prompt").value || "Hello!" }];
 }
 
-function copied(kind) {
+async function copied(kind) {
   const body = { model: $("#model").value, messages: lastTurn(), ...sampling() };
   const steer = steering();
   if (steer) body.steering = steer;
   const origin = window.location.origin;
   if (kind === "curl") {
     const auth = state.key ? ` -H ${shell(`Authorization: Bearer ${state.key}`)}` : "";
-    return `curl -s ${origin}/v1/chat/completions -H 'Content-Type: application/json'${auth} -d ${shell(JSON.stringify(body))}`;
+    return `curl -sg ${shell(`${origin}/v1/chat/completions`)} -H 'Content-Type: application/json'${auth} -d ${shell(JSON.stringify(body))}`;
   }
   if (kind === "python") {
     const { steering: extra, model, messages, ...rest } = body;
@@ -349,13 +369,26 @@ function copied(kind) {
       "print(reply.choices[0].message.content)",
     ].join("\n");
   }
-  const preset = { name: "my-preset", description: "made in the playground", model: baseModel(), features: steer?.features ?? [] };
-  if (steer?.prompt_scale !== undefined) preset.prompt_scale = steer.prompt_scale;
-  // JSON is YAML: each field in flow style, as the example presets file writes features.
-  const lines = ["presets:", `  - name: ${JSON.stringify(preset.name)}`, `    description: ${JSON.stringify(preset.description)}`, `    model: ${JSON.stringify(preset.model)}`, "    features:"];
-  lines.push(...(preset.features.length ? preset.features.map((f) => `      - ${JSON.stringify(f)}`) : ["      []"]));
-  if (preset.prompt_scale !== undefined) lines.push(`    prompt_scale: ${preset.prompt_scale}`);
+  // A preset chosen as the model steers first, with the page's steering added (as the server does).
+  const chosen = $("#model").value;
+  const base = chosen !== baseModel() ? await json(`/v1/presets/${encodeURIComponent(chosen)}`) : { features: [] };
+  const features = [...base.features, ...(steer?.features ?? [])];
+  if (!features.length) return "# nothing to save: add a feature or a vector first";
+  const promptScale = steer?.prompt_scale ?? base.prompt_scale;
+  // Flow style, as the example presets file writes features.
+  const lines = ["presets:", "  - name: my-preset", "    description: made in the playground", `    model: ${yaml(baseModel())}`, "    features:"];
+  lines.push(...features.map((f) => `      - ${yaml(f)}`));
+  if (promptScale !== undefined) lines.push(`    prompt_scale: ${yaml(promptScale)}`);
   return lines.join("\n");
+}
+
+// YAML in flow style: JSON's, except that a number is written so YAML reads a number (1e-7 is a
+// string to YAML 1.1; 1.0e-7 is a float).
+function yaml(value) {
+  if (typeof value === "number") return String(value).replace(/^(-?\d+)e/, "$1.0e");
+  if (Array.isArray(value)) return `[${value.map(yaml).join(", ")}]`;
+  if (value && typeof value === "object") return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${yaml(v)}`).join(", ")}}`;
+  return JSON.stringify(value);
 }
 
 const shell = (text) => `'${text.replaceAll("'", `'\\''`)}'`;
@@ -380,9 +413,10 @@ function select(options, value, onChange, name) {
   return node;
 }
 
-function input(type, value, onInput) {
+function input(type, value, onInput, limits = {}) {
   const node = document.createElement("input");
   node.type = type;
+  Object.assign(node, limits); // before the value, which a range input clamps to its limits
   node.value = value;
   node.addEventListener("input", () => onInput(Number(node.value)));
   return node;
@@ -438,7 +472,7 @@ $("#add-vector").addEventListener("click", () => {
 $("#send-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("#prompt").value.trim();
-  if (!text) return;
+  if (!text || state.busy) return;
   $("#prompt").value = "";
   send(text);
 });
@@ -455,7 +489,12 @@ $("#clear").addEventListener("click", () => {
 $("#change-key").addEventListener("click", () => askKey().then(loadServer));
 for (const copy of document.querySelectorAll("[data-copy]")) {
   copy.addEventListener("click", async () => {
-    const text = copied(copy.dataset.copy);
+    let text;
+    try {
+      text = await copied(copy.dataset.copy);
+    } catch (error) {
+      text = `# ${error.message}`;
+    }
     $("#copied").value = text;
     await navigator.clipboard?.writeText(text).catch(() => {}); // the box above holds it either way
   });
@@ -466,6 +505,16 @@ for (const kind of ["mouseover", "focusin"]) {
 for (const kind of ["mouseout", "focusout"]) {
   document.addEventListener(kind, (event) => event.target.classList?.contains("token") && ($("#tooltip").hidden = true));
 }
+document.addEventListener("keydown", (event) => {
+  const token = event.target.classList?.contains("token") ? event.target : null;
+  if (event.key === "Escape") $("#tooltip").hidden = true;
+  if (!token || !["ArrowLeft", "ArrowRight"].includes(event.key)) return;
+  const next = event.key === "ArrowRight" ? token.nextElementSibling : token.previousElementSibling;
+  if (next?.classList.contains("token")) {
+    event.preventDefault();
+    next.focus();
+  }
+});
 
 renderInterventions();
 loadServer().then(

@@ -113,3 +113,19 @@ def test_bad_contrasts_are_refused_naming_the_field(server, client, model_name, 
     error = reply.json()["error"]
     assert param in (error["param"] or "") or param in error["message"], error
     assert client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices
+
+
+def _derive_as(server, key: str, **body) -> httpx.Response:
+    body = {"positive": POSITIVE[:2], "negative": NEGATIVE[:2], "layer": LAYER, **body}
+    return httpx.post(f"{server.url}/v1/vectors/contrast", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+
+
+def test_keys_that_may_not_derive_or_replace_a_name_are_refused(server):
+    assert _derive_as(server, ADMIN_KEY, name="kept-by-admin").status_code == 200
+    for key, rule in (("sk-test-presets", "raw_features"), ("sk-test-guarded", "protected")):
+        refused = _derive_as(server, key)
+        assert refused.status_code == 403 and refused.json()["error"]["param"] == rule, refused.text
+    taken = _derive_as(server, "sk-test-capped", name="kept-by-admin")
+    assert taken.status_code == 400 and taken.json()["error"]["param"] == "name", taken.text
+    assert _derive_as(server, "sk-test-capped", name="kept-by-capped").status_code == 200
+    assert _derive_as(server, ADMIN_KEY, name="kept-by-admin").status_code == 200, "its keeper may derive it again"

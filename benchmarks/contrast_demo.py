@@ -56,6 +56,7 @@ SUBJECTS = {
     "music": ["music", "playing the guitar", "a piano concert", "singing a song"],
 }  # fmt: skip
 NEUTRAL = ["a kitchen table", "the alphabet", "filing taxes", "a spreadsheet"]
+BAR = 0.7  # the share of held-out answers that should mention the concept, within FLUENCY_LIMIT
 
 
 def chats(subjects: list[str]) -> list[list[dict]]:
@@ -142,15 +143,16 @@ def markdown(results: list[dict], seconds: float) -> str:
         "",
         f"## On the evaluation prompts ({len(PROMPTS)}, never used for choosing)",
         "",
-        "| concept | setting, chosen on the pilot | mentions, keywords (unsteered) | mentions, embedding (unsteered) | median ppl (x unsteered) | repetition (unsteered) |",
-        "|---|---|---|---|---|---|",
+        f"| concept | setting, chosen on the pilot | mentions, keywords (unsteered) | mentions, embedding (unsteered) | median ppl (x unsteered) | repetition (unsteered) | >= {BAR:.0%} within {FLUENCY_LIMIT:g}x |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base, row = r["evaluation"]
+        met = row["keyword_rate"] >= BAR and times(row, base) <= FLUENCY_LIMIT
         lines.append(
             f"| {r['concept']} | {setting(row)} | {row['keyword_rate']:.0%} ({base['keyword_rate']:.0%}) "
             f"| {row['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | {row['median_perplexity']:.1f} ({times(row, base):.2f}x) "
-            f"| {row['repetition']:.2f} ({base['repetition']:.2f}) |"
+            f"| {row['repetition']:.2f} ({base['repetition']:.2f}) | {'yes' if met else '**no**'} |"
         )
     lines += [""]
     for r in results:
@@ -188,7 +190,7 @@ def plot(results: list[dict], path: Path) -> None:
         ev_base, ev = r["evaluation"]
         ax.plot([times(ev, ev_base)], [ev["keyword_rate"]], "k*", markersize=14, label="chosen, evaluation")
         ax.axvline(FLUENCY_LIMIT, color="grey", linestyle=":")
-        ax.axhline(0.7, color="grey", linestyle=":")
+        ax.axhline(BAR, color="grey", linestyle=":")
         ax.set_title(r["concept"], fontsize=9)
         ax.set_xlabel("median perplexity, x unsteered")
         ax.set_ylim(-0.02, 1.02)

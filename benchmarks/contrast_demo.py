@@ -30,6 +30,7 @@ from benchmarks.steering_demo import (
     Judges,
     answers,
     choose,
+    ratio,
     score,
     served,
     times,
@@ -151,7 +152,7 @@ def markdown(results: list[dict], seconds: float) -> str:
         met = row["keyword_rate"] >= BAR and times(row, base) <= FLUENCY_LIMIT
         lines.append(
             f"| {r['concept']} | {setting(row)} | {row['keyword_rate']:.0%} ({base['keyword_rate']:.0%}) "
-            f"| {row['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | {row['median_perplexity']:.1f} ({times(row, base):.2f}x) "
+            f"| {row['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | {ratio(row, base)} "
             f"| {row['repetition']:.2f} ({base['repetition']:.2f}) | {'yes' if met else '**no**'} |"
         )
     lines += [""]
@@ -166,7 +167,7 @@ def markdown(results: list[dict], seconds: float) -> str:
         for n, row in enumerate(r["pilot"]):
             lines.append(
                 f"| {r['concept']} | {setting(row)} | {row['keyword_rate']:.0%} | {row['embedding_rate']:.0%} "
-                f"| {row['median_perplexity']:.1f} ({times(row, base):.2f}x) | {'yes' if n == r['chosen'] else ''} |"
+                f"| {ratio(row, base)} | {'yes' if n == r['chosen'] else ''} |"
             )
     lines += ["", "## The derived directions", "", "| concept | layer | length | mean stream norm | accuracy on its examples |", "|---|---|---|---|---|"]
     for r in results:

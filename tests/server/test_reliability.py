@@ -33,6 +33,7 @@ MODEL = "SmolLM2-135M-Instruct"
 BLOCK, BLOCKS = 32, 160  # 5120 tokens of KV cache: far less than the load below asks for
 DRAIN_S = 60  # --shutdown-timeout of the server here: far shorter than the long request below
 MAX_TOKENS = 16
+LOAD_PACE_S = 0.05  # a floor under each step while the load runs; the tokens are unchanged
 
 
 def _hot_sae(path, jr) -> str:
@@ -76,13 +77,14 @@ READOUT = {"sae": "jr", "top_k": 3, "features": [0, 1], "prompt": True}
 
 
 def _generate(
-    client: OpenAI, ids: list[int], spec: dict | None, stream: bool = False, n: int = 1, read: bool = False
+    client: OpenAI, ids: list[int], spec: dict | None, stream: bool = False, n: int = 1, read: bool = False,
+    pace_s: float = 0.0,
 ) -> list[list[int]] | list[tuple[list[int], list[dict]]]:
     """Token ids of each of the n choices: greedy for one, seeded sampling for several (vLLM
     refuses n > 1 with greedy), so every answer is reproducible. With `read`, each choice's
     (token ids, readout entries)."""
     extra = {"ignore_eos": True, "return_token_ids": True, **({"steering": spec} if spec else {}),
-             **({"readout": READOUT} if read else {})}  # fmt: skip
+             **({"readout": READOUT} if read else {}), **paced(pace_s)}  # fmt: skip
     sampling = {"temperature": 0} if n == 1 else {"temperature": 1.0, "seed": 7}
     kwargs = dict(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, n=n, extra_body=extra, **sampling)
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -143,8 +145,10 @@ def test_no_leakage_under_load(small_kv, small_client, tokenizer):
     random.Random(0).shuffle(jobs)
     assert len(jobs) >= 200
     before = engine_metrics(small_kv.url)
+    # Paced, so that all 96 in flight reach the engine before the first ones finish and the cache
+    # runs short every time: unpaced, how many overlap depends on the machine, and once none were preempted.
     with ThreadPoolExecutor(96) as pool:
-        futures = [pool.submit(_generate, small_client, prompts[p], SPECS[name], stream, n, read) for p, name, stream, n, read in jobs]
+        futures = [pool.submit(_generate, small_client, prompts[p], SPECS[name], stream, n, read, LOAD_PACE_S) for p, name, stream, n, read in jobs]
         results = [f.result() for f in futures]
     after = engine_metrics(small_kv.url)
 

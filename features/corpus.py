@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from features import wordnet
 from features.topics import prompts
 
 DEBIAN = "http://deb.debian.org/debian/"
+WORDNET_DIR = "usr/share/wordnet"  # in the unpacked wordnet-base package
 HELD_OUT_EVERY = 50  # every 50th document is held out for the quality report
 
 
@@ -56,15 +58,7 @@ def _python_docs(root: Path) -> Iterator[str]:
 
 def _wordnet(root: Path) -> Iterator[str]:
     """Each synset as 'word, word: gloss', 40 to a document."""
-    entries = []
-    for part in ("noun", "verb", "adj", "adv"):
-        for line in (root / f"usr/share/wordnet/data.{part}").read_text(errors="replace").splitlines():
-            if line.startswith(" ") or " | " not in line:
-                continue  # licence header
-            fields, gloss = line.split(" | ", 1)
-            tokens = fields.split()
-            words = [tokens[4 + 2 * i].replace("_", " ") for i in range(int(tokens[3], 16))]
-            entries.append(f"{', '.join(words)}: {gloss.strip()}")
+    entries = [f"{', '.join(s.words)}: {s.gloss}" for s in wordnet.synsets(root / WORDNET_DIR)]
     for i in range(0, len(entries), 40):
         yield "\n".join(entries[i : i + 40])
 

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from features.activations import CONTEXT
 from features.sae import SAE
 
 CATALOGUE_FILE = "catalogue.json.gz"
+EMBEDDINGS_FILE = "search_embeddings.safetensors"  # written by features/labelling.py
 TOP_CONTEXTS = 20
 TOP_TOKENS = 10
 QUANTILES = (0.5, 0.9, 0.99)
@@ -185,16 +187,24 @@ def save_catalogue(path: Path, cards: list[dict]) -> None:
     path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))  # mtime 0: a rebuild is byte-identical
 
 
+# The similarity from which a feature counts as close to a query (`Catalogue.search`), set on pilot
+# queries outside the search benchmark: below it sat matches like "tractor" -> a feature firing on "<".
+CLOSE = 0.45
+
+
 class Catalogue:
-    """The loaded cards of one SAE, searchable by words."""
+    """The loaded cards of one SAE, searchable by meaning once labelled (`features.labelling`
+    writes the embeddings), and by words otherwise."""
 
-    SUMMARY = ("index", "label", "density", "max_act")
+    SUMMARY = ("index", "label", "explanation", "label_score", "density", "max_act")
 
-    def __init__(self, cards: list[dict]):
+    def __init__(self, cards: list[dict], embeddings: dict[str, torch.Tensor] | None = None):
         self.cards = cards
         self._text = [self._searchable(c) for c in cards]
         self.density = torch.tensor([c["density"] for c in cards])
         self.max_act = torch.tensor([c["max_act"] for c in cards])
+        self.embeddings = {k: v.float() for k, v in embeddings.items()} if embeddings else None
+        self.stamp: tuple = ()  # its files' modification times, when loaded from disk
 
     @classmethod
     def load(cls, sae_dir: Path) -> Catalogue | None:
@@ -202,27 +212,75 @@ class Catalogue:
         if not path.exists():
             return None
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            return cls(json.load(f))
+            cards = json.load(f)
+        embeddings = Path(sae_dir) / EMBEDDINGS_FILE
+        catalogue = cls(cards, load_file(embeddings) if embeddings.exists() else None)
+        catalogue.stamp = cls.stamp_of(sae_dir)
+        return catalogue
 
     @staticmethod
-    def _searchable(card: dict) -> tuple[str, list[tuple[str, str]]]:
-        """The promoted tokens, and each top context's marked token and the text near it, as
-        " word word " strings (near the mark only: a chat's context window often holds the
-        prompt's topic, which says nothing about a feature that fires on the reply's greeting)."""
+    def stamp_of(sae_dir: Path) -> tuple:
+        """The modification times of a catalogue's files (None where absent), to tell a rewrite."""
+        paths = (Path(sae_dir) / CATALOGUE_FILE, Path(sae_dir) / EMBEDDINGS_FILE)
+        return tuple(p.stat().st_mtime_ns if p.exists() else None for p in paths)
+
+    @staticmethod
+    def _searchable(card: dict) -> tuple[str, list[tuple[str, str]], str]:
+        """The promoted tokens, each top context's marked token and the text near it, and the
+        label, as " word word " strings (near the mark only: a chat's context window often holds
+        the prompt's topic, which says nothing about a feature that fires on the reply's greeting)."""
         promoted = _words(" ".join(card["promoted_tokens"]))
         contexts = []
         for c in card["top_contexts"]:
             marked, near = _marked(c["text"].lower())
             contexts.append((_words(marked), _words(near)))
-        return promoted, contexts
+        return promoted, contexts, _words(card["label"].split(" → ")[0])  # a token label's promoted tokens follow "→"
 
     def card(self, index: int) -> dict:
         return self.cards[index]
 
     def summary(self, index: int) -> dict:
-        return {k: self.cards[index][k] for k in self.SUMMARY}
+        return {k: self.cards[index][k] for k in self.SUMMARY if k in self.cards[index]}
 
-    def search(self, query: str, limit: int = 20) -> list[dict]:
+    def search(self, query: str, limit: int = 20, min_similarity: float = CLOSE) -> list[dict]:
+        """Features about the query. Once labelled, by meaning: the sentence-embedding similarity
+        of the query to the feature's label and explanation, or to the mean of its contexts,
+        whichever is higher; features labelled with the query's words, or firing on them in a
+        quarter of their top contexts, come first. Only features at `min_similarity` or above are
+        listed, each with its similarity. Unlabelled, by words (`search_words`)."""
+        if self.embeddings is None:
+            return self.search_words(query, limit)
+        similarity = self.similarity(query)
+        exact = set(self._exact(query))
+        order = sorted(range(len(self.cards)), key=lambda i: (i in exact, float(similarity[i])), reverse=True)
+        found = []
+        for i in order[:limit]:
+            if i not in exact and similarity[i] < min_similarity:
+                break
+            found.append({**self.summary(i), "similarity": round(float(similarity[i]), 4), "exact": i in exact})
+        return found
+
+    def similarity(self, query: str) -> torch.Tensor:
+        """[d_sae] similarity of the query to each feature (see `search`)."""
+        from features.embedding import embedder
+
+        q = embedder().embed([query])[0]
+        return torch.maximum(self.embeddings["labels"] @ q, self.embeddings["contexts"] @ q)
+
+    def _exact(self, query: str) -> list[int]:
+        words = _WORD.findall(query.lower())
+        if not words:
+            return []
+        patterns = [re.compile(rf" {w}(?:s|es)? ") for w in words]
+        found = []
+        for index, (_, contexts, label) in enumerate(self._text):
+            if all(p.search(label) for p in patterns):
+                found.append(index)
+            elif len(words) == 1 and contexts and 4 * sum(bool(patterns[0].search(m)) for m, _ in contexts) >= len(contexts):
+                found.append(index)
+        return found
+
+    def search_words(self, query: str, limit: int = 20) -> list[dict]:
         """Features that fire on the query's words, or near them, or promote them.
 
         Per query word: 2 for each top context whose activating token is the word, 1 for each whose
@@ -235,7 +293,7 @@ class Catalogue:
         patterns = [re.compile(rf" {w}(?:s|es)? " if len(w) < 4 else rf" {w}") for w in words]
         phrase = " ".join(words)
         scored = []
-        for index, (promoted, contexts) in enumerate(self._text):
+        for index, (promoted, contexts, _) in enumerate(self._text):
             score = 0
             for pattern in patterns:
                 hit = 2 * bool(pattern.search(promoted))

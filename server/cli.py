@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from features.catalogue import CLOSE
 from features.formats import DEFAULT_SAE, READERS, WEIGHTS_FILE
 from server.limits import DEFAULT_MAX_BODY, MAX_BODY_ENV
 from steering.spec import SteeringLimits
@@ -135,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     features = commands.add_parser("features", help="search an SAE's feature catalogue").add_subparsers(
         dest="action", required=True
     )
-    search = features.add_parser("search", help="features whose labels, tokens and contexts match")
+    search = features.add_parser("search", help="features about a concept, a category or words")
     search.add_argument("query")
     search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--min-similarity", type=float, default=CLOSE, help="list only features at least this close")
     show = features.add_parser("show", help="one feature's card")
     show.add_argument("index", type=int)
     for sub in (search, show):
@@ -149,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-tokens", type=int, default=250_000, help="tokens of text to read")
     build.add_argument("--out", help="where to write (default: the SAE's directory, or <file>.features/ beside a single file)")
     build.add_argument("--work", help="the activation cache (default: under ~/.steerserve)")
+    label = features.add_parser("label", help="explain features with a language model or WordNet, score the labels, index them for search")
+    label.add_argument("--sae", default=str(DEFAULT_SAE), help="an SAE's source, or its catalogue's directory (default: the default SAE)")
+    label.add_argument("--labeller", action="append", choices=["llm", "wordnet"], help="labellers to run beside the token labels (default: llm)")
+    label.add_argument("--labeler-url", default="http://127.0.0.1:8000/v1", help="the OpenAI-compatible endpoint the llm labeller asks")
+    label.add_argument("--labeler-model", help="the model it asks (default: the first the endpoint lists)")
+    label.add_argument("--labeler-api-key", default=os.environ.get("OPENAI_API_KEY", "unused"), help="its API key (default: $OPENAI_API_KEY)")
+    label.add_argument("--features", help="which features, as 0-99,120 (default: all with enough contexts)")
+    label.add_argument("--concurrency", type=int, default=16, help="requests to the endpoint at once")
+    label.add_argument("--work", help="resumable progress and caches (default: under ~/.cache/steerserve/labels)")
     return parser
 
 
@@ -162,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.action == "check" and not args.model:
             add_default_sae(args)
         sys.exit(run(args))
+    elif args.command == "features" and args.action == "label":
+        from features.labelling import label_command
+
+        sys.exit(label_command(args))
     elif args.command == "features" and args.action == "build":
         from features.describe import build_command
 

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.catalogue import Catalogue
+from features.catalogue import CLOSE, Catalogue
 from features.sae import SAE
 from features.vectors import saes_only
 from server.errors import APIError
@@ -42,7 +42,7 @@ def catalogued(sae_id: str, raw_request: Request) -> Catalogued:
     sae = saes.get(sae_id)
     if sae is None:
         raise APIError(HTTPStatus.NOT_FOUND, f"no SAE {sae_id!r}; loaded SAEs: {sorted(saes)}", "sae", "NotFoundError")
-    catalogue = state.catalogues.get(sae_id)
+    catalogue = state.catalogue(sae_id)
     if catalogue is None:
         raise APIError(HTTPStatus.NOT_FOUND, f"SAE {sae_id!r} has no feature catalogue", "sae", "NotFoundError")
     return Catalogued(state, sae, catalogue)
@@ -51,16 +51,27 @@ def catalogued(sae_id: str, raw_request: Request) -> Catalogued:
 @router.get("/v1/saes/{sae_id}/features")
 async def list_features(
     found: Annotated[Catalogued, Depends(catalogued)],
-    q: Annotated[str | None, Query(max_length=200, description="words to search labels, tokens and contexts for")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="what to search for: a concept, a category, words")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
+    min_similarity: Annotated[
+        float, Query(ge=-1, le=1, description="list only features at least this close to q (labelled catalogues)")
+    ] = CLOSE,
 ) -> dict:
     catalogue = found.catalogue
-    if q:
-        data = catalogue.search(q, limit + offset)[offset:]
-    else:
-        data = [catalogue.summary(i) for i in range(offset, min(offset + limit, len(catalogue.cards)))]
-    return {"object": "list", "data": data}
+    if not q:
+        return {"object": "list", "data": [catalogue.summary(i) for i in range(offset, min(offset + limit, len(catalogue.cards)))]}
+    if catalogue.embeddings is None:
+        return {"object": "list", "search": "words", "data": catalogue.search_words(q, limit + offset)[offset:]}
+    data = (await asyncio.to_thread(catalogue.search, q, limit + offset, min_similarity))[offset:]
+    listing = {"object": "list", "search": "meaning", "data": data}
+    if not data and offset == 0:
+        closest = (await asyncio.to_thread(catalogue.search, q, 1, -1.0))[0]
+        listing["message"] = (
+            f"no feature of SAE {found.sae.id!r} is close to {q!r}: the closest, #{closest['index']} "
+            f"({closest['label']!r}), has similarity {closest['similarity']}, below min_similarity {min_similarity}"
+        )
+    return listing
 
 
 @router.get("/v1/saes/{sae_id}/features/{index}")

@@ -161,7 +161,7 @@ async def list_saes(raw_request: Request) -> dict:
                 "architecture": sae.architecture,
                 "format": sae.source.partition(":")[0],  # the files it came from (features/formats.py)
                 "has_statistics": sae.has_statistics,
-                "has_catalogue": sae.id in state.catalogues,
+                "has_catalogue": state.catalogue(sae.id) is not None,
             }
             for sae in saes
         ],

@@ -135,7 +135,9 @@ class SteeringState:
         self.settings = settings
         self.api = api
         self.saes: dict[str, SAE] = settings.load_saes()  # with the vectors' DirectionSAEs
-        self.catalogues = {i: c for i, sae in saes_only(self.saes).items() if (c := Catalogue.load(description_dir(sae.path))) is not None}
+        self.catalogues: dict[str, Catalogue] = {}
+        for sae_id in saes_only(self.saes):
+            self.catalogue(sae_id)
         self.model_dir = model_dir
         self._readers: dict[int, ResidualReader] = {}
         self._readers_lock = threading.Lock()
@@ -160,6 +162,22 @@ class SteeringState:
     def stop_token(self) -> int:
         """The token a stop monitor forces: the model's end of sequence."""
         return self.tokenizer.eos_token_id
+
+    def catalogue(self, sae_id: str) -> Catalogue | None:
+        """The SAE's catalogue, read again once its files change on disk: `steerserve features
+        label` rewrites them while the server runs, and search then finds the new labels."""
+        sae = saes_only(self.saes).get(sae_id)
+        if sae is None:
+            return None
+        directory = description_dir(sae.path)
+        current = self.catalogues.get(sae_id)
+        if current is None or current.stamp != Catalogue.stamp_of(directory):
+            loaded = Catalogue.load(directory)
+            if loaded is None:
+                self.catalogues.pop(sae_id, None)
+            else:
+                self.catalogues[sae_id] = loaded
+        return self.catalogues.get(sae_id)
 
     def reader(self, layer: int) -> ResidualReader:
         """The served model, cut after `layer`, in this process (loaded on first use): feature

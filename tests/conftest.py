@@ -18,6 +18,7 @@ TEST_SAES = {
     "jr": (15, "jumprelu", "none", True),
     "topk": (20, "topk", "none", True),
     "relu": (8, "standard", "constant_norm_rescale", False),
+    "lab": (15, "jumprelu", "none", False),  # labelled through the served model (tests/server/test_labelling.py)
 }
 
 

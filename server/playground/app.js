@@ -70,7 +70,9 @@ const baseModel = () => {
 async function search(promise) {
   $("#search-error").textContent = "";
   try {
-    showResults((await promise).data);
+    const listing = await promise;
+    showResults(listing.data);
+    if (listing.message) $("#search-error").textContent = listing.message; // nothing close enough to the query
   } catch (error) {
     $("#search-error").textContent = error.message;
   }
@@ -83,13 +85,15 @@ function showResults(features) {
     const details = document.createElement("details");
     const summary = document.createElement("summary");
     summary.textContent = `#${f.index} ${f.label ?? ""}`;
+    if (f.explanation) summary.title = f.explanation;
     details.append(summary);
     details.addEventListener("toggle", () => details.open && showCard(details, sae, f.index), { once: true });
     const add = button("Add", () => addIntervention({ kind: "feature", sae, index: f.index, label: f.label, max_act: f.max_act }));
     add.setAttribute("aria-label", `Add feature ${f.index}`);
     const facts = document.createElement("span");
     facts.className = "facts";
-    facts.textContent = `max ${num(f.max_act)} · density ${num(f.density)}`;
+    const similarity = f.similarity !== undefined ? `similarity ${num(f.similarity)} · ` : "";
+    facts.textContent = `${similarity}max ${num(f.max_act)} · density ${num(f.density)}`;
     item.append(add, details, facts);
     return item;
   }));
@@ -124,6 +128,11 @@ async function showCard(details, sae, index) {
     for (const [n, part] of ctx.text.split(/[«»]/).entries()) li.append(n % 2 ? mark(part) : part);
     li.append(` (${num(ctx.activation)})`);
     contexts.append(li);
+  }
+  if (c.explanation) {
+    const explained = document.createElement("p");
+    explained.textContent = `${c.explanation} (by ${c.labeller}, label score ${num(c.label_score)})`;
+    body.append(explained);
   }
   body.append(facts, contexts);
   details.append(body);

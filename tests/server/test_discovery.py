@@ -8,8 +8,9 @@ import sys
 import httpx
 import pytest
 
-from features.catalogue import Catalogue
+from features.catalogue import CLOSE, Catalogue
 from features.formats import DEFAULT_SAE
+from features.labels import activating_word
 from tests.serving import ADMIN
 
 
@@ -40,6 +41,19 @@ def test_search_finds_features_about_the_query(server, query, words):
     contexts = [c["text"].lower() for c in card["top_contexts"]]
     # plainly about the query: most of its top contexts contain it
     assert sum(any(w in c for w in words) for c in contexts) >= len(contexts) // 2, contexts
+
+
+def test_search_by_meaning_finds_a_category_by_its_members_and_admits_a_miss(server, catalogue):
+    listing = _get(server, "/v1/saes/default/features", q="insects", limit=5).json()
+    assert listing["search"] == "meaning" and listing["data"], listing
+    close = [r["similarity"] for r in listing["data"] if not r["exact"]]
+    assert close == sorted(close, reverse=True) and min(close) >= CLOSE
+    assert all({"similarity", "label_score"} <= set(r) for r in listing["data"])
+    insects = {"insect", "insects", "larva", "larvae", "bee", "bees", "ant", "ants", "butterfly", "butterflies", "beetle", "beetles", "moth", "wasp"}
+    fired_on = {activating_word(c["text"]) for r in listing["data"] for c in catalogue.card(r["index"])["top_contexts"]}
+    assert fired_on & insects, fired_on
+    miss = _get(server, "/v1/saes/default/features", q="qwzx vbnm").json()
+    assert miss["data"] == [] and "the closest, #" in miss["message"] and f"below min_similarity {CLOSE}" in miss["message"]
 
 
 def test_feature_card(server, catalogue):
@@ -91,5 +105,6 @@ def test_cli_search_prints_a_table(catalogue):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     lines = out.strip().splitlines()
-    assert lines[0].split()[:4] == ["index", "score", "density", "max_act"]
-    assert [int(line.split()[0]) for line in lines[1:]] == [r["index"] for r in catalogue.search("golden gate", 3)]
+    assert lines[0].split()[:5] == ["index", "similarity", "label_score", "density", "max_act"]
+    rows = [line for line in lines[1:] if line[:6].strip().isdigit()]  # an indented explanation follows each
+    assert [int(line.split()[0]) for line in rows] == [r["index"] for r in catalogue.search("golden gate", 3)]

@@ -48,11 +48,11 @@ def test_search_ranks_label_tokens_and_contexts():
         card(3, "dogs → bark", [" bark"], ["two «dogs» ran"], 0.01),
         card(4, "well → I", [" I"], ["a letter about the Golden Gate Bridge.<|im_end|>⏎assistant⏎Dear Sam,⏎⏎I hope you are «well»"], 0.01),
     ])  # fmt: skip
-    assert [r["index"] for r in catalogue.search("bridge")] == [1, 2], "firing on the word beats promoting it"
-    assert [r["index"] for r in catalogue.search("golden gate")] == [2, 1]
-    assert [r["index"] for r in catalogue.search("dog")] == [3], "plurals match"
-    assert [r["index"] for r in catalogue.search("music")] == [5], "longer words match the words they start"
-    assert catalogue.search("cat bridge") == [], "every word must match"
-    assert catalogue.search("!!!") == []
-    assert [r["index"] for r in catalogue.search("bridge", limit=1)] == [1]
-    assert 4 not in [r["index"] for r in catalogue.search("golden gate bridge")], "only text near the marked token counts"
+    assert [r["index"] for r in catalogue.search_words("bridge")] == [1, 2], "firing on the word beats promoting it"
+    assert [r["index"] for r in catalogue.search_words("golden gate")] == [2, 1]
+    assert [r["index"] for r in catalogue.search_words("dog")] == [3], "plurals match"
+    assert [r["index"] for r in catalogue.search_words("music")] == [5], "longer words match the words they start"
+    assert catalogue.search_words("cat bridge") == [], "every word must match"
+    assert catalogue.search_words("!!!") == []
+    assert [r["index"] for r in catalogue.search_words("bridge", limit=1)] == [1]
+    assert 4 not in [r["index"] for r in catalogue.search_words("golden gate bridge")], "only text near the marked token counts"

@@ -41,6 +41,9 @@ bench: setup
 demo: setup
 	$(BIN)/python -m benchmarks.steering_demo
 
-# Rebuild the default SAE, its statistics, catalogue and quality report (features/default/).
+# Rebuild the default SAE, its statistics, catalogue and quality report (features/default/), label
+# its features offline (WordNet, scored against the token labels) and measure search on them.
 sae: setup
 	$(BIN)/python -m features.build
+	$(BIN)/steerserve features label --labeller wordnet
+	$(BIN)/python -m benchmarks.search_quality

@@ -25,7 +25,7 @@ row at the layers a server takes them (`--inline-vector-layers`), never to disk.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +198,11 @@ def saes_only(saes: Mapping[str, SAE]) -> dict[str, SAE]:
     """The SAEs proper among `saes`, by id: what may be listed, read, watched or named as an SAE
     (a layer's DirectionSAE is how vectors steer, not an SAE of the server's)."""
     return {sae_id: sae for sae_id, sae in saes.items() if not isinstance(sae, DirectionSAE)}
+
+
+def inline_layers(saes: Iterable[SAE]) -> list[int]:
+    """The layers at which requests may send vectors of their own, in order."""
+    return sorted(sae.cfg.layer for sae in saes if isinstance(sae, DirectionSAE) and sae.inline)
 
 
 def direction_saes(

@@ -26,7 +26,7 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from features.contrast import Method, contrast
-from features.vectors import PREFIX, DirectionSAE
+from features.vectors import PREFIX, inline_layers
 from server.auth import caller
 from server.errors import APIError
 from server.lifecycle import lifecycle
@@ -133,7 +133,7 @@ def _check(body: ContrastRequest, state: SteeringState, key: KeyPolicy | None) -
         raise APIError(HTTPStatus.FORBIDDEN, str(exc), exc.rule, "PermissionDeniedError") from exc
     if not current_platform.is_cpu():
         raise APIError(HTTPStatus.BAD_REQUEST, "contrast reads the stream in the CPU op; it runs on CPU engines only, not yet on this device", "layer")
-    taking = sorted(s.cfg.layer for s in state.saes.values() if isinstance(s, DirectionSAE) and s.inline)
+    taking = inline_layers(state.saes.values())
     if body.layer not in taking:
         message = f"contrast reads and steers where requests may send vectors of their own: layers {taking} (--inline-vector-layers), not {body.layer}"
         raise APIError(HTTPStatus.BAD_REQUEST, message, "layer")

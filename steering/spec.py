@@ -42,7 +42,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.sae import SAE
-from features.vectors import PREFIX, DirectionSAE, saes_only
+from features.vectors import PREFIX, DirectionSAE, inline_layers, saes_only
 
 Mode = Literal["add", "clamp", "ablate", "scale", "cap"]
 Unit = Literal["raw", "max_act", "norm"]
@@ -382,7 +382,7 @@ def _inline_targets(
     vector: list[float], span: tuple[int, int] | None, where: str, directions: list[DirectionSAE], k: int, cap: bool
 ) -> list[tuple[SAE, int, float]]:
     """A request's own vector k at each layer of `span` (every one must take inline vectors)."""
-    taking = sorted(sae.cfg.layer for sae in directions if sae.inline)
+    taking = inline_layers(directions)
     if not taking:
         raise SteeringError(f"{where}.vector", "this server takes no inline vectors (see --max-inline-vectors and --inline-vector-layers)")
     if span is None:

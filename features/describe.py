@@ -39,9 +39,16 @@ def write_description(sae: SAE, stream: np.ndarray, tokenizer, model_dir: Path, 
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    promoted, suppressed = catalogue.logit_lens(sae, lm.get_output_embeddings().weight.detach(), lm.model.norm.weight.detach())
+    promoted, suppressed = catalogue.logit_lens(sae, lm.get_output_embeddings().weight.detach(), final_norm_scale(lm))
     cards = catalogue.build_cards(stats, tokenizer, stream, activations.token_of_row, promoted, suppressed)
     catalogue.save_catalogue(out / catalogue.CATALOGUE_FILE, cards)
+
+
+def final_norm_scale(lm) -> torch.Tensor:
+    """What the final norm multiplies the normalised stream by: its weight, or 1 + its weight for
+    Gemma's RMSNorm, which stores the offset from 1."""
+    weight = lm.model.norm.weight.detach()
+    return 1 + weight if lm.config.model_type.startswith("gemma") else weight
 
 
 def statistics(sae: SAE, acts: np.ndarray, sink_norm: float, batch: int = 4096) -> catalogue.Statistics:

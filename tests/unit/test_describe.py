@@ -8,6 +8,7 @@ import torch
 
 from features.activations import CONTEXT, SINK_FACTOR
 from features.catalogue import Catalogue
+from features.describe import final_norm_scale
 from features.formats import description_dir, load_sae
 from server.cli import main
 from steering.spec import FeatureIntervention, SteeringLimits, SteeringSpec, resolve
@@ -47,3 +48,22 @@ def test_build_gives_a_goodfire_sae_statistics_and_a_catalogue(tmp_path, hf_mode
     assert np.isclose(catalogue.card(0)["max_act"], float(sae.max_act[0]), rtol=1e-3)
     steering = resolve(SteeringSpec(features=[FeatureIntervention(sae="g", index=0, strength=2.0, unit="max_act")]), {"g": sae}, SteeringLimits())
     assert steering.features[0].strength == pytest.approx(2.0 * float(sae.max_act[0]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2"])
+def test_logit_lens_reads_the_final_norm_as_the_model_applies_it(family):
+    """Gemma's RMSNorm multiplies by 1 + weight, Llama's by weight: the scale the logit lens uses
+    must give what the model's own final norm computes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        lm.model.norm.weight.normal_()
+    x = torch.randn(5, 16)
+    norm = lm.model.norm
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps  # Llama's name, Gemma's
+    normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    torch.testing.assert_close(norm(x), normalised * final_norm_scale(lm), rtol=1e-4, atol=1e-5)

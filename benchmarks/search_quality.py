@@ -34,8 +34,10 @@ def evaluate(catalogue: Catalogue, queries: dict[str, list[str]], search: Callab
     rows = []
     for query, accept in queries.items():
         found = search(query)[:TOP]
+        hit = hits(catalogue, found, accept)
         rows.append({
-            "query": query, "hit": bool(hits(catalogue, found, accept)), "hits": hits(catalogue, found, accept),
+            "query": query, "hit": bool(hit), "hits": hit,
+            "by_exact_match": bool(hit) and all(r.get("exact") for r in found if r["index"] in hit),
             "top": [{"index": r["index"], "label": r["label"], **({"similarity": r["similarity"]} if "similarity" in r else {})} for r in found],
         })  # fmt: skip
     return rows
@@ -53,7 +55,11 @@ def run(sae_dir: Path) -> dict:
     for kind in BUDGETS:
         for name, search in methods.items():
             rows = evaluate(catalogue, lists[kind], search)
-            results[f"{kind}/{name}"] = {"hit_rate": round(sum(r["hit"] for r in rows) / len(rows), 4), "rows": rows}
+            results[f"{kind}/{name}"] = {
+                "hit_rate": round(sum(r["hit"] for r in rows) / len(rows), 4),
+                "hit_by_exact_match_only": round(sum(r["by_exact_match"] for r in rows) / len(rows), 4),
+                "rows": rows,
+            }
     return results
 
 
@@ -66,14 +72,19 @@ def write(results: dict, out: Path) -> None:
         f"Queries: [benchmarks/queries/search.json](../queries/search.json), written before the search they measure. "
         f"A query hits when one of its top {TOP} features has, among its top contexts, an activating word the query "
         "accepts (the concept or a synonym; for a category, a member, never the category word). "
-        "`meaning` is `GET /v1/saes/default/features?q=` on the labelled catalogue; `words` is the word search it replaced.",
+        "`meaning` is `GET /v1/saes/default/features?q=` on the labelled catalogue; `words` is the word search it replaced. "
+        "Exact matches (a label with the query's words, or a feature firing on them in a quarter of its top contexts) come "
+        "first in `meaning`; the column beside counts the queries whose every hit was such a match.",
         "",
-        "| queries | by meaning | by words | budget | met |",
-        "|---|---|---|---|---|",
+        "| queries | by meaning | of which only by exact match | by words | budget | met |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, budget in BUDGETS.items():
-        meaning, words = results[f"{kind}/meaning"]["hit_rate"], results[f"{kind}/words"]["hit_rate"]
-        lines.append(f"| {kind} ({len(results[f'{kind}/meaning']['rows'])}) | {meaning:.0%} | {words:.0%} | {budget:.0%} | {'yes' if meaning >= budget else 'no'} |")
+        meaning, words = results[f"{kind}/meaning"], results[f"{kind}/words"]["hit_rate"]
+        lines.append(
+            f"| {kind} ({len(meaning['rows'])}) | {meaning['hit_rate']:.0%} | {meaning['hit_by_exact_match_only']:.0%} | "
+            f"{words:.0%} | {budget:.0%} | {'yes' if meaning['hit_rate'] >= budget else 'no'} |"
+        )
     for kind in BUDGETS:
         lines += ["", f"## {kind.capitalize()}", "", "| query | meaning | top by meaning | words |", "|---|---|---|---|"]
         for mine, theirs in zip(results[f"{kind}/meaning"]["rows"], results[f"{kind}/words"]["rows"]):

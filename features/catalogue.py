@@ -8,7 +8,9 @@ server's discovery routes and by `steerserve features`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from features.activations import CONTEXT
+from features.embedding import DIM, embedder
 from features.sae import SAE
 
 CATALOGUE_FILE = "catalogue.json.gz"
@@ -182,9 +186,18 @@ def build_cards(
     return cards
 
 
-def save_catalogue(path: Path, cards: list[dict]) -> None:
-    data = json.dumps(cards, ensure_ascii=False, separators=(",", ":")).encode()
-    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))  # mtime 0: a rebuild is byte-identical
+def save_catalogue(path: Path, cards: list[dict], embeddings: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the cards (and the search embeddings made from them, stamped with the catalogue's
+    checksum so that a catalogue written later without them is never searched with stale ones).
+    Each file is replaced whole, so a server reading meanwhile sees the old one or the new one."""
+    data = gzip.compress(json.dumps(cards, ensure_ascii=False, separators=(",", ":")).encode(), compresslevel=9, mtime=0)
+    if embeddings is not None:  # first: a reader pairs a new catalogue only with embeddings that name it
+        tmp = path.with_name(EMBEDDINGS_FILE + ".tmp")
+        save_file(embeddings, tmp, metadata={"catalogue_sha256": hashlib.sha256(data).hexdigest()})
+        os.replace(tmp, path.with_name(EMBEDDINGS_FILE))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)  # mtime 0 above: a rebuild is byte-identical
+    os.replace(tmp, path)
 
 
 # The similarity from which a feature counts as close to a query (`Catalogue.search`), set on pilot
@@ -209,14 +222,27 @@ class Catalogue:
     @classmethod
     def load(cls, sae_dir: Path) -> Catalogue | None:
         path = Path(sae_dir) / CATALOGUE_FILE
+        stamp = cls.stamp_of(sae_dir)  # before reading: a rewrite meanwhile is seen next time
         if not path.exists():
             return None
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            cards = json.load(f)
-        embeddings = Path(sae_dir) / EMBEDDINGS_FILE
-        catalogue = cls(cards, load_file(embeddings) if embeddings.exists() else None)
-        catalogue.stamp = cls.stamp_of(sae_dir)
+        data = path.read_bytes()
+        cards = json.loads(gzip.decompress(data))
+        catalogue = cls(cards, cls._embeddings(Path(sae_dir) / EMBEDDINGS_FILE, hashlib.sha256(data).hexdigest(), len(cards)))
+        catalogue.stamp = stamp
         return catalogue
+
+    @staticmethod
+    def _embeddings(path: Path, catalogue_sha256: str, features: int) -> dict[str, torch.Tensor] | None:
+        """The search embeddings made from this very catalogue, or None (searched by words)."""
+        if not path.exists():
+            return None
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("catalogue_sha256") != catalogue_sha256:
+                return None  # made from another catalogue: `steerserve features label` again
+            embeddings = {k: f.get_tensor(k) for k in f.keys()}
+        if any(v.shape != (features, DIM) for v in embeddings.values()):
+            return None
+        return embeddings
 
     @staticmethod
     def stamp_of(sae_dir: Path) -> tuple:
@@ -262,8 +288,6 @@ class Catalogue:
 
     def similarity(self, query: str) -> torch.Tensor:
         """[d_sae] similarity of the query to each feature (see `search`)."""
-        from features.embedding import embedder
-
         q = embedder().embed([query])[0]
         return torch.maximum(self.embeddings["labels"] @ q, self.embeddings["contexts"] @ q)
 

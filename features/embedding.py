@@ -5,7 +5,7 @@ answers judged with it."""
 from __future__ import annotations
 
 import importlib.util
-from functools import cache
+import threading
 from pathlib import Path
 
 import torch
@@ -24,11 +24,18 @@ class Embedder:
         model_dir = Path(spec.submodule_search_locations[0]) / "model"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir).eval()
+        self._lock = threading.Lock()  # a fast tokenizer may not be used by two threads at once
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch: int = 256, max_length: int = 128, desc: str | None = None) -> torch.Tensor:
         """[len(texts), DIM] float32; with `desc`, a progress bar. Each distinct text is embedded
         once, in batches of similar token counts so that little is padding."""
+        with self._lock:
+            return self._embed(texts, batch, max_length, desc)
+
+    def _embed(self, texts: list[str], batch: int, max_length: int, desc: str | None) -> torch.Tensor:
+        if not texts:
+            return torch.empty(0, DIM)
         unique = list(dict.fromkeys(texts))
         lengths = [len(ids) for ids in self.tokenizer(unique, truncation=True, max_length=max_length).input_ids]
         order = sorted(range(len(unique)), key=lengths.__getitem__)
@@ -46,7 +53,13 @@ class Embedder:
         return out[[where[t] for t in texts]]
 
 
-@cache
+_loaded: list[Embedder] = []
+_loading = threading.Lock()
+
+
 def embedder() -> Embedder:
-    """One embedder per process (about 90 MB), loaded on first use."""
-    return Embedder()
+    """One embedder per process (about 90 MB), loaded on first use, once however many threads ask."""
+    with _loading:
+        if not _loaded:
+            _loaded.append(Embedder())
+        return _loaded[0]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from core.local import file_sha256
 from features import labels, wordnet
-from features.catalogue import CATALOGUE_FILE, EMBEDDINGS_FILE, save_catalogue
+from features.catalogue import CATALOGUE_FILE, save_catalogue
 from features.embedding import Embedder, embedder
 from features.train import write_json
 
@@ -81,7 +81,10 @@ def llm_labels(
     done: dict[int, dict] = {}
     if done_file.exists():
         for line in done_file.read_text().splitlines():
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a run that was stopped mid-write
             done[entry["index"]] = entry
     client = AsyncOpenAI(base_url=endpoint.url, api_key=endpoint.api_key, max_retries=2, timeout=600)
 
@@ -111,28 +114,50 @@ def llm_labels(
     return {i: labels.parse_explanation(done[i]["reply"], f"llm:{name}") for i in features}
 
 
+@dataclass(frozen=True)
+class Negatives:
+    """Contexts of other features, as [n, dim] embeddings, and whose each is."""
+
+    vectors: torch.Tensor
+    features: torch.Tensor
+
+    @classmethod
+    def draw(cls, cards: list[dict], live: list[int], vectors: list[torch.Tensor], ranks: slice, seed: int) -> Negatives:
+        pool = labels.negative_pool(cards, live, ranks, seed)
+        return cls(torch.stack([vectors[f][rank] for f, rank in pool]), torch.tensor([f for f, _ in pool]))
+
+    def besides(self, index: int) -> torch.Tensor:
+        return self.vectors[self.features != index]
+
+
+def choose_and_score(
+    candidates: dict[int, list[labels.Label]], vectors: list[torch.Tensor], text_vectors: dict[str, torch.Tensor],
+    choosing: Negatives, scoring: Negatives,
+) -> dict[int, dict]:  # fmt: skip
+    """Per feature: the candidate whose detection AUC is best on the choosing ranks, and every
+    candidate's AUC on the scoring ranks, each against negatives drawn from those ranks."""
+    out = {}
+    for index, options in candidates.items():
+        choose, score = vectors[index][labels.CHOOSE_RANKS], vectors[index][labels.SCORE_RANKS]
+        held = {c.labeller: round(labels.detection(text_vectors[c.text], score, scoring.besides(index)), 4) for c in options}
+        best = max(options, key=lambda c: labels.detection(text_vectors[c.text], choose, choosing.besides(index)))
+        out[index] = {
+            "label": best.label, "explanation": best.explanation, "labeller": best.labeller,
+            "label_score": held[best.labeller], "labeller_scores": held,
+        }  # fmt: skip
+    return out
+
+
 def score_and_choose(
     cards: list[dict], candidates: dict[int, list[labels.Label]], vectors: list[torch.Tensor], embed: Embedder
 ) -> dict[int, dict]:
-    """Per feature: every candidate's held-out detection AUC, and the one chosen on other contexts."""
+    """`choose_and_score` with the candidates embedded and each split's negatives drawn."""
     live = [i for i, card in enumerate(cards) if len(card["top_contexts"]) >= MIN_CONTEXTS]
-    pool = labels.negative_pool(cards, live)
-    pool_vectors = torch.stack([vectors[f][rank] for f, rank in pool])
-    pool_features = torch.tensor([f for f, _ in pool])
+    choosing = Negatives.draw(cards, live, vectors, labels.CHOOSE_RANKS, seed=0)
+    scoring = Negatives.draw(cards, live, vectors, labels.SCORE_RANKS, seed=1)
     texts = sorted({c.text for cs in candidates.values() for c in cs})
     text_vectors = dict(zip(texts, embed.embed(texts, desc="embedding labels")))
-    out = {}
-    for index, options in candidates.items():
-        negatives = pool_vectors[pool_features != index]
-        choose, report = vectors[index][labels.CHOOSE_RANKS], vectors[index][labels.SCORE_RANKS]
-        scored = [(labels.detection(text_vectors[c.text], choose, negatives), c) for c in options]
-        best = max(scored, key=lambda s: s[0])[1]
-        out[index] = {
-            "label": best.label, "explanation": best.explanation, "labeller": best.labeller,
-            "label_score": round(labels.detection(text_vectors[best.text], report, negatives), 4),
-            "labeller_scores": {c.labeller: round(labels.detection(text_vectors[c.text], report, negatives), 4) for c in options},
-        }  # fmt: skip
-    return out
+    return choose_and_score(candidates, vectors, text_vectors, choosing, scoring)
 
 
 def search_embeddings(cards: list[dict], vectors: list[torch.Tensor], embed: Embedder) -> dict[str, torch.Tensor]:
@@ -147,6 +172,8 @@ def report(cards: list[dict], seconds: float) -> dict:
     """Mean held-out detection AUC over a fixed random sample of scored features: the chosen
     labels, and each labeller's own labels scored the same way."""
     scored = [i for i, c in enumerate(cards) if "labeller_scores" in c]
+    if not scored:
+        return {"features": 0, "scored_features": 0, "seconds": round(seconds, 1)}
     sample = sorted(np.random.default_rng(0).choice(scored, size=min(REPORT_SAMPLE, len(scored)), replace=False).tolist())
     labellers = sorted({k for i in sample for k in cards[i]["labeller_scores"]})
     by = {name: [cards[i]["labeller_scores"][name] for i in sample if name in cards[i]["labeller_scores"]] for name in labellers}
@@ -175,8 +202,11 @@ def label_catalogue(
     embed = embedder()
     vectors = context_vectors(cards, embed, work / f"contexts-{key}.safetensors")
     eligible = [i for i, c in enumerate(cards) if len(c["top_contexts"]) >= MIN_CONTEXTS]
-    asked = features if features is not None else eligible
-    targets = [i for i in asked if i in set(eligible)]
+    if not eligible:
+        raise ValueError(f"no feature has {MIN_CONTEXTS} top contexts or more to label from and score on")
+    asked = list(dict.fromkeys(features)) if features is not None else eligible
+    allowed = set(eligible)
+    targets = [i for i in asked if i in allowed]
     candidates = {i: [labels.token_label(cards[i])] for i in targets}
     if "wordnet" in labellers:
         if wordnet_root is None:
@@ -191,8 +221,7 @@ def label_catalogue(
             candidates[i].append(found[i])
     for index, chosen in score_and_choose(cards, candidates, vectors, embed).items():
         cards[index].update(chosen)
-    save_catalogue(path, cards)
-    save_file(search_embeddings(cards, vectors, embed), sae_dir / EMBEDDINGS_FILE)
+    save_catalogue(path, cards, search_embeddings(cards, vectors, embed))
     return {**report(cards, time.monotonic() - started), "skipped": len(asked) - len(targets)}
 
 
@@ -201,7 +230,7 @@ def write_report(sae_dir: Path, summary: dict) -> None:
     a build manifest's artifact checksums follow the rewritten files."""
     write_json(sae_dir / "labels.json", summary)
     quality = sae_dir / "quality.md"
-    if quality.exists():
+    if quality.exists() and summary["features"]:
         text = quality.read_text().split("\n## Labels")[0].rstrip("\n")
         rows = "\n".join(
             f"| {name} | {auc:.3f} | {summary['labeller_features'][name]} | {summary['chosen_by'].get(name, 0)} |"
@@ -260,6 +289,9 @@ def label_command(args: argparse.Namespace) -> int:
         return 2
     except APIStatusError as error:
         print(f"steerserve: the labeller's endpoint refused: {error}")
+        return 2
+    except ValueError as error:
+        print(f"steerserve: {error}")
         return 2
     write_report(sae_dir, summary)
     print(json.dumps(summary, indent=2))

@@ -54,8 +54,8 @@ def activating_word(context: str) -> str:
     mark = _MARK.search(context)
     if mark is None:
         return ""
-    left = re.search(r"[A-Za-z0-9]*$", context[: mark.start()]).group()
-    right = re.match(r"[A-Za-z0-9]*", context[mark.end() :]).group()
+    left = re.search(r"[^\W_]*$", context[: mark.start()]).group()  # letters and digits, accented ones too
+    right = re.match(r"[^\W_]*", context[mark.end() :]).group()
     token = mark.group(1)
     if token[:1].isspace():
         left = ""  # the token starts a word
@@ -114,8 +114,8 @@ def synset_candidates(card: dict, lexicon: Lexicon, by_key: dict[str, Synset]) -
     the first noun senses of any two of them are both kinds of (dog and cat: carnivore)."""
     found = Counter(activating_word(t) for t in contexts(card, LABEL_RANKS))
     words = [w for w, _ in found.most_common() if w.isalpha() and len(w) >= 3][:3]
-    keys = [key for w in words for key in lexicon.senses(w)]
-    nouns = [by_key[ks[0]] for w in words if (ks := [k for k in lexicon.senses(w) if k.startswith("n:")])]
+    keys = [key for w in words for key in lexicon.senses(w) if key in by_key]
+    nouns = [by_key[ks[0]] for w in words if (ks := [k for k in lexicon.senses(w) if k.startswith("n:") and k in by_key])]
     for a, b in combinations(dict.fromkeys(nouns), 2):
         if (shared := common_hypernym(a, b, by_key)) is not None:
             keys.append(shared.key)
@@ -133,12 +133,14 @@ def detection(label_vector: torch.Tensor, positives: torch.Tensor, negatives: to
     return auc(positives @ label_vector, negatives @ label_vector)
 
 
-def negative_pool(cards: list[dict], live: list[int], seed: int = 0) -> list[tuple[int, int]]:
-    """(feature, rank) of one held-out context of each of NEGATIVES random live features."""
+def negative_pool(cards: list[dict], live: list[int], ranks: slice, seed: int = 0) -> list[tuple[int, int]]:
+    """(feature, rank) of one context at `ranks` of each of NEGATIVES random live features: the
+    choice between labels and the stored score each draw theirs from their own ranks, so no
+    context, positive or negative, is scored on that chose."""
     rng = np.random.default_rng(seed)
     pool = []
     for index in rng.choice(live, size=min(NEGATIVES, len(live)), replace=False).tolist():
-        held = range(1, len(cards[index]["top_contexts"]), 2)
+        held = range(len(cards[index]["top_contexts"]))[ranks]
         if len(held):
             pool.append((index, held[int(rng.integers(len(held)))]))
     return pool

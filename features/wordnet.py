@@ -48,7 +48,7 @@ def synsets(root: Path) -> Iterator[Synset]:
 def ancestry(synset: Synset, by_key: dict[str, Synset], depth: int = 4) -> list[str]:
     """The first word of each hypernym up the first path, nearest first, `depth` at most."""
     out: list[str] = []
-    while synset.hypernyms and len(out) < depth:
+    while synset.hypernyms and synset.hypernyms[0] in by_key and len(out) < depth:
         synset = by_key[synset.hypernyms[0]]
         out.append(synset.words[0])
     return out
@@ -101,7 +101,7 @@ def common_hypernym(a: Synset, b: Synset, by_key: dict[str, Synset], min_depth: 
     `min_depth` steps below the root ("entity", "object", ... say nothing)."""
     def path(s: Synset) -> list[Synset]:
         chain = [s]
-        while chain[-1].hypernyms:
+        while chain[-1].hypernyms and chain[-1].hypernyms[0] in by_key:
             chain.append(by_key[chain[-1].hypernyms[0]])
         return chain
 

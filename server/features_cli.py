@@ -46,7 +46,7 @@ def print_table(rows: list[dict]) -> None:
         line = f"{r['index']:>6}  {r[first]:>10}  {scored:>11}  {r['density']:>9.2e}  {r['max_act']:>8.2f}  {r['label']}"
         print(line[:width])
         if r.get("explanation"):
-            print(textwrap.shorten(f"{'':>8}{r['explanation']}", width, placeholder=" ..."))
+            print(" " * 8 + textwrap.shorten(r["explanation"], width - 8, placeholder=" ..."))
 
 
 def print_card(card: dict) -> None:

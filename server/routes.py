@@ -7,6 +7,7 @@ worker + a prefix-cache salt, the resolved steering echoed back, and the preset 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -147,6 +148,8 @@ async def get_preset(name: str, raw_request: Request) -> dict | JSONResponse:
 async def list_saes(raw_request: Request) -> dict:
     state = steering_state(raw_request)
     saes = saes_only(state.saes).values()
+    # Off the event loop: a catalogue rewritten on disk is read again here (SteeringState.catalogue).
+    catalogued = {sae.id for sae in saes if await asyncio.to_thread(state.catalogue, sae.id) is not None}
     return {
         "object": "list",
         "data": [
@@ -161,7 +164,7 @@ async def list_saes(raw_request: Request) -> dict:
                 "architecture": sae.architecture,
                 "format": sae.source.partition(":")[0],  # the files it came from (features/formats.py)
                 "has_statistics": sae.has_statistics,
-                "has_catalogue": state.catalogue(sae.id) is not None,
+                "has_catalogue": sae.id in catalogued,
             }
             for sae in saes
         ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from steering.spec import (
     resolve_readout,
 )
 from steering.wire import EngineSettings
+
+logger = logging.getLogger("steerserve.state")
 
 # Back to 0 whenever nothing steered is running: anything else is a leaked slot. With several API
 # processes (vLLM's multiprocess metrics), /metrics gives the sum over the live ones.
@@ -136,6 +139,7 @@ class SteeringState:
         self.api = api
         self.saes: dict[str, SAE] = settings.load_saes()  # with the vectors' DirectionSAEs
         self.catalogues: dict[str, Catalogue] = {}
+        self._catalogue_lock = threading.Lock()
         for sae_id in saes_only(self.saes):
             self.catalogue(sae_id)
         self.model_dir = model_dir
@@ -171,13 +175,21 @@ class SteeringState:
             return None
         directory = description_dir(sae.path)
         current = self.catalogues.get(sae_id)
-        if current is None or current.stamp != Catalogue.stamp_of(directory):
-            loaded = Catalogue.load(directory)
-            if loaded is None:
-                self.catalogues.pop(sae_id, None)
-            else:
-                self.catalogues[sae_id] = loaded
-        return self.catalogues.get(sae_id)
+        if current is not None and current.stamp == Catalogue.stamp_of(directory):
+            return current
+        with self._catalogue_lock:  # one reload, however many requests find the files changed
+            current = self.catalogues.get(sae_id)
+            if current is None or current.stamp != Catalogue.stamp_of(directory):
+                try:
+                    loaded = Catalogue.load(directory)
+                except (OSError, ValueError, EOFError) as exc:  # unreadable now: keep what was read before
+                    logger.warning("catalogue of SAE %r not reloaded: %s", sae_id, exc)
+                    return current
+                if loaded is None:
+                    self.catalogues.pop(sae_id, None)
+                else:
+                    self.catalogues[sae_id] = loaded
+            return self.catalogues.get(sae_id)
 
     def reader(self, layer: int) -> ResidualReader:
         """The served model, cut after `layer`, in this process (loaded on first use): feature

@@ -69,10 +69,11 @@ const baseModel = () => {
 // ---- finding features ----
 async function search(promise) {
   $("#search-error").textContent = "";
+  $("#search-note").textContent = "";
   try {
     const listing = await promise;
     showResults(listing.data);
-    if (listing.message) $("#search-error").textContent = listing.message; // nothing close enough to the query
+    $("#search-note").textContent = listing.message ?? ""; // nothing close enough to the query: not an error
   } catch (error) {
     $("#search-error").textContent = error.message;
   }

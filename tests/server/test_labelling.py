@@ -17,7 +17,6 @@ from tests.saes import TEXTS
 from tests.serving import ADMIN, ADMIN_KEY
 
 
-
 def _run(*argv: str) -> int:
     with pytest.raises(SystemExit) as done:
         main(list(argv))

@@ -56,6 +56,10 @@ def _steer_the_top_bridge_feature(page, strength: str) -> None:
 
 def test_search_steer_compare_hover_and_copy(server, browser, tmp_path):
     page = _open(browser, server, 1280, 800)
+    page.fill("#query", "qwzx vbnm")  # nothing close: said so, beside no results, not as an error
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelector('#search-note').textContent.includes('no feature')", timeout=60_000)
+    assert page.locator("#results li").count() == 0 and page.inner_text("#search-error") == ""
     _steer_the_top_bridge_feature(page, "4")
     page.locator("#results summary").first.click()  # the feature's card: top contexts, activating token marked
     page.wait_for_selector("#results .card mark", timeout=60_000)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from features import labels, wordnet
-from features.catalogue import CATALOGUE_FILE, EMBEDDINGS_FILE, Catalogue
+from features.catalogue import CATALOGUE_FILE, EMBEDDINGS_FILE, Catalogue, save_catalogue
 from features.embedding import embedder
-from features.labelling import context_vectors, label_catalogue, wordnet_labels
+from features.labelling import Negatives, choose_and_score, context_vectors, label_catalogue, wordnet_labels
 
 WORDNET = Path(__file__).parents[1] / "fixtures" / "wordnet"  # an excerpt of WordNet 3.0's data and index files
 DOG, CAT, CARNIVORE, PIANO = "n:02084071", "n:02121620", "n:02075296", "n:03928116"
@@ -50,6 +50,21 @@ def test_auc_matches_a_pairwise_count():
         assert abs(labels.auc(positive, negative) - wins / (7 * 11)) < 1e-6
     assert labels.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
     assert labels.auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+
+
+def test_the_choice_and_the_score_come_from_their_own_ranks():
+    """Candidate A matches the feature's choosing contexts, B its scoring ones: A is chosen, and the
+    stored score is A's on the scoring ranks (low), not the choice's own (high)."""
+    a, b, *rest = torch.eye(8)
+    vectors = torch.stack([rest[r % 6] for r in range(20)])
+    vectors[labels.CHOOSE_RANKS] = a
+    vectors[labels.SCORE_RANKS] = b
+    negatives = Negatives(torch.stack(rest[:4]) * 0.5 + 0.1 * (a + b), torch.arange(1, 5))
+    options = [labels.Label("A", "", "first"), labels.Label("B", "", "second")]
+    found = choose_and_score({0: options}, [vectors], {"A": a, "B": b}, negatives, negatives)[0]
+    assert found["labeller"] == "first" and found["label"] == "A"
+    assert found["labeller_scores"] == {"first": labels.auc(vectors[labels.SCORE_RANKS] @ a, negatives.vectors @ a), "second": 1.0}
+    assert found["label_score"] == found["labeller_scores"]["first"] == 0.0
 
 
 def test_parse_explanation():
@@ -106,3 +121,6 @@ def test_labelling_and_search_by_meaning(tmp_path):
     piano = catalogue.search("piano", limit=1)[0]
     assert piano == {**catalogue.summary(2), "similarity": round(float(catalogue.similarity("piano")[2]), 4), "exact": True}
     assert catalogue.search("quantum chromodynamics", min_similarity=0.9) == [], "nothing close: nothing listed"
+
+    save_catalogue(tmp_path / CATALOGUE_FILE, [*catalogue.cards[:4], {**catalogue.cards[4], "label": "rewritten"}])
+    assert Catalogue.load(tmp_path).embeddings is None, "embeddings made from another catalogue are never used"

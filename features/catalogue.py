@@ -286,6 +286,13 @@ class Catalogue:
             found.append({**self.summary(i), "similarity": round(float(similarity[i]), 4), "exact": i in exact})
         return found
 
+    def nothing_close(self, query: str, min_similarity: float) -> str:
+        """What to say when `search` lists nothing (no exact match, none close): which came closest."""
+        similarity = self.similarity(query)
+        best = int(similarity.argmax())
+        return (f"no feature is close to {query!r}: the closest, #{best} ({self.cards[best]['label']!r}), "
+                f"has similarity {round(float(similarity[best]), 4)}, below min_similarity {min_similarity}")  # fmt: skip
+
     def similarity(self, query: str) -> torch.Tensor:
         """[d_sae] similarity of the query to each feature (see `search`)."""
         q = embedder().embed([query])[0]

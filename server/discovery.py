@@ -61,16 +61,11 @@ async def list_features(
     catalogue = found.catalogue
     if not q:
         return {"object": "list", "data": [catalogue.summary(i) for i in range(offset, min(offset + limit, len(catalogue.cards)))]}
-    if catalogue.embeddings is None:
-        return {"object": "list", "search": "words", "data": catalogue.search_words(q, limit + offset)[offset:]}
+    by_meaning = catalogue.embeddings is not None  # else by words (Catalogue.search)
     data = (await asyncio.to_thread(catalogue.search, q, limit + offset, min_similarity))[offset:]
-    listing = {"object": "list", "search": "meaning", "data": data}
-    if not data and offset == 0:
-        closest = (await asyncio.to_thread(catalogue.search, q, 1, -1.0))[0]
-        listing["message"] = (
-            f"no feature of SAE {found.sae.id!r} is close to {q!r}: the closest, #{closest['index']} "
-            f"({closest['label']!r}), has similarity {closest['similarity']}, below min_similarity {min_similarity}"
-        )
+    listing = {"object": "list", "search": "meaning" if by_meaning else "words", "data": data}
+    if by_meaning and not data and offset == 0:
+        listing["message"] = f"SAE {found.sae.id!r}: " + await asyncio.to_thread(catalogue.nothing_close, q, min_similarity)
     return listing
 
 

@@ -19,9 +19,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "search":
         rows = catalogue.search(args.query, args.limit, args.min_similarity)
         if not rows and catalogue.embeddings is not None:
-            closest = catalogue.search(args.query, 1, -1.0)[0]
-            print(f"no feature is close to {args.query!r}: the closest, #{closest['index']} ({closest['label']}), "
-                  f"has similarity {closest['similarity']}, below {args.min_similarity}")  # fmt: skip
+            print(catalogue.nothing_close(args.query, args.min_similarity))
             return 0
         print_table(rows)
     else:

@@ -121,6 +121,8 @@ def test_labelling_and_search_by_meaning(tmp_path):
     piano = catalogue.search("piano", limit=1)[0]
     assert piano == {**catalogue.summary(2), "similarity": round(float(catalogue.similarity("piano")[2]), 4), "exact": True}
     assert catalogue.search("quantum chromodynamics", min_similarity=0.9) == [], "nothing close: nothing listed"
+    said, best = catalogue.nothing_close("quantum chromodynamics", 0.9), int(catalogue.similarity("quantum chromodynamics").argmax())
+    assert f"the closest, #{best} " in said and said.endswith("below min_similarity 0.9")
 
     save_catalogue(tmp_path / CATALOGUE_FILE, [*catalogue.cards[:4], {**catalogue.cards[4], "label": "rewritten"}])
     assert Catalogue.load(tmp_path).embeddings is None, "embeddings made from another catalogue are never used"

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from features.calibration import Calibrations
 from features.sae import ARCHITECTURES, NORMALIZATIONS, SAE, SAEConfig, SAEFormatError, layer_of_hook
 
 CONFIG_FILE = "cfg.json"
@@ -64,7 +65,9 @@ def load_sae(sae_id: str, source: str | Path) -> SAE:
     max_act = _load_max_act(stats, cfg.d_sae)
     files = (*files, stats) if max_act is not None else files
     canonical = f"{fmt}:{path.resolve()}" + (f"@{layer}" if layer is not None else "")
-    return cls(sae_id, path, cfg, weights, max_act, source=canonical, files=files)
+    # Calibrations are in multiples of max_act: an SAE without statistics has none.
+    calibrations = Calibrations(description_dir(path)) if max_act is not None else None
+    return cls(sae_id, path, cfg, weights, max_act, source=canonical, files=files, calibrations=calibrations)
 
 
 def parse_source(source: str) -> tuple[str | None, Path, int | None]:

@@ -23,6 +23,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from features.calibration import Calibrations
+
 Normalization = Literal["none", "constant_norm_rescale", "expected_average_only_in", "layer_norm"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("none", "constant_norm_rescale", "expected_average_only_in", "layer_norm")
 LAYER_NORM_EPS = 1e-5  # SAELens's and OpenAI's: x centred, divided by (its std + eps)
@@ -98,10 +100,13 @@ class SAE:
         max_act: torch.Tensor | None,
         source: str | None = None,
         files: tuple[Path, ...] = (),
+        calibrations: Calibrations | None = None,
     ):
         """`path`: where it was read from; `source`: what loads it again (features/formats.py's
-        `FORMAT:PATH[@LAYER]`); `files`: the files its values came from."""
+        `FORMAT:PATH[@LAYER]`); `files`: the files its values came from; `calibrations`: its
+        features' calibrated settings (what `unit: calibrated` reads)."""
         self.id, self.path, self.cfg, self.max_act = sae_id, path, cfg, max_act
+        self.calibrations = calibrations
         self.source, self.files = source or str(path), files
         self.W_enc = weights["W_enc"].float()  # [d_in, d_sae]
         self.b_enc = weights["b_enc"].float()  # [d_sae]

@@ -160,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--features", help="which features, as 0-99,120 (default: all with enough contexts)")
     label.add_argument("--concurrency", type=int, default=16, help="requests to the endpoint at once")
     label.add_argument("--work", help="resumable progress and caches (default: under ~/.cache/steerserve/labels)")
+    calibrate = features.add_parser("calibrate", help="find features' steering strengths through a running server, and rank them by effect")
+    which = calibrate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index", type=int, action="append", help="a feature to calibrate (repeatable)")
+    which.add_argument("--query", help="calibrate the features a search for this finds, and rank them by their effect")
+    calibrate.add_argument("--sae", default="default", help="the SAE's id on the server (default: default)")
+    calibrate.add_argument("--candidates", type=int, default=4, help="with --query: how many of its results to calibrate")
+    calibrate.add_argument("--mode", choices=["clamp", "add"], default="clamp")
+    calibrate.add_argument("--fluency-budget", type=float, default=2.0, help="the most perplexity a recommendation may cost, x unsteered")
+    calibrate.add_argument("--prompts", metavar="FILE", help="prompts to answer, one per line (default: the server's 12)")
+    calibrate.add_argument("--concept", help="what the embedding judge compares answers with (default: each feature's label)")
+    calibrate.add_argument("--no-store", action="store_true", help="measure only; keep no recommendation")
+    calibrate.add_argument("--url", default="http://127.0.0.1:8000", help="the steerserve to calibrate through")
+    calibrate.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="its API key (default: $OPENAI_API_KEY)")
     return parser
 
 
@@ -181,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         from features.describe import build_command
 
         sys.exit(build_command(args))
+    elif args.command == "features" and args.action == "calibrate":
+        from server.features_cli import calibrate
+
+        sys.exit(calibrate(args))
     elif args.command == "features":
         from server.features_cli import run
 

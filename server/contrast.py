@@ -79,7 +79,7 @@ async def derive_vector(
     engine = raw_request.app.state.engine_client
     longest = min(MAX_EXAMPLE_TOKENS, engine.model_config.max_model_len - 1)  # one token is generated
     named = [(f"{side}[{n}]", example) for side in ("positive", "negative") for n, example in enumerate(getattr(body, side))]
-    examples = await asyncio.to_thread(lambda: [_tokens(state, example, where, longest) for where, example in named])
+    examples = await asyncio.to_thread(lambda: [chat_tokens(state, example, where, longest) for where, example in named])
     shared = _common_prefix(examples)
     limit = asyncio.Semaphore(IN_FLIGHT)
 
@@ -146,7 +146,7 @@ def _check(body: ContrastRequest, state: SteeringState, key: KeyPolicy | None) -
             raise APIError(HTTPStatus.BAD_REQUEST, str(exc), exc.param) from exc
 
 
-def _tokens(state: SteeringState, example: str | list[Message], where: str, longest: int) -> list[int]:
+def chat_tokens(state: SteeringState, example: str | list[Message], where: str, longest: int) -> list[int]:
     """An example as the model reads it: a text as /v1/completions tokenizes it, a chat through
     the model's chat template (with the assistant's turn opened unless the chat ends in one)."""
     tokenizer = state.tokenizer

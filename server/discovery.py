@@ -60,9 +60,9 @@ async def list_features(
 ) -> dict:
     catalogue = found.catalogue
     if not q:
-        return {"object": "list", "data": [catalogue.summary(i) for i in range(offset, min(offset + limit, len(catalogue.cards)))]}
+        return {"object": "list", "data": _with_effects(found.sae, [catalogue.summary(i) for i in range(offset, min(offset + limit, len(catalogue.cards)))])}
     by_meaning = catalogue.embeddings is not None  # else by words (Catalogue.search)
-    data = (await asyncio.to_thread(catalogue.search, q, limit + offset, min_similarity))[offset:]
+    data = _with_effects(found.sae, (await asyncio.to_thread(catalogue.search, q, limit + offset, min_similarity))[offset:])
     listing = {"object": "list", "search": "meaning" if by_meaning else "words", "data": data}
     if by_meaning and not data and offset == 0:
         listing["message"] = f"SAE {found.sae.id!r}: " + await asyncio.to_thread(catalogue.nothing_close, q, min_similarity)
@@ -75,7 +75,12 @@ async def get_feature(index: int, found: Annotated[Catalogued, Depends(catalogue
     if not 0 <= index < d_sae:
         message = f"index {index} out of range for SAE {found.sae.id!r}: 0 <= index < {d_sae}"
         raise APIError(HTTPStatus.NOT_FOUND, message, "index", "NotFoundError")
-    return {"object": "sae.feature", "sae": found.sae.id, **found.catalogue.card(index)}
+    return {"object": "sae.feature", "sae": found.sae.id, **_with_effects(found.sae, [found.catalogue.card(index)])[0]}
+
+
+def _with_effects(sae: SAE, rows: list[dict]) -> list[dict]:
+    """Rows with each calibrated feature's recommendation and effect (server/calibrate.py)."""
+    return sae.calibrations.annotate(rows) if sae.calibrations is not None else rows
 
 
 @router.post("/v1/saes/{sae_id}/features/search")

@@ -14,6 +14,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from server import lifecycle, limits
 from server.auth import BearerAuth
+from server.calibrate import router as calibrate_router
 from server.contrast import router as contrast_router
 from server.discovery import router as discovery_router
 from server.errors import APIError, api_error_handler
@@ -32,6 +33,7 @@ class SteeringEndpoints:
         app.include_router(router)  # replaces vLLM's completion routes and GET /v1/models
         app.include_router(discovery_router)
         app.include_router(contrast_router)
+        app.include_router(calibrate_router)
         app.include_router(playground_router)
         app.include_router(lifecycle.router)  # replaces GET /health
         app.add_exception_handler(APIError, api_error_handler)

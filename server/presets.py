@@ -67,8 +67,12 @@ class Preset(BaseModel):
         request's prompt_scale, where it sets one, replaces the preset's."""
         extra = extra or SteeringSpec()
         own = [f.model_copy(update={"strength": f.strength * self.scale}) for f in self.features]
-        prompt_scale = extra.prompt_scale if "prompt_scale" in extra.model_fields_set else self.prompt_scale
-        return SteeringSpec(features=own + extra.features, scale=extra.scale, prompt_scale=prompt_scale)
+        spec = SteeringSpec(features=own + extra.features, scale=extra.scale)
+        # Where neither sets one, a calibrated feature's own prompt_scale applies (steering.spec).
+        for source in (extra, self):
+            if "prompt_scale" in source.model_fields_set:
+                return spec.model_copy(update={"prompt_scale": source.prompt_scale})
+        return spec
 
     def file_form(self) -> dict[str, Any]:
         """The preset as a file gives it: unset sampling, gates and an empty features or monitors list left out."""

@@ -41,11 +41,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.calibration import Calibration
 from features.sae import SAE
 from features.vectors import PREFIX, DirectionSAE, inline_layers, saes_only
 
 Mode = Literal["add", "clamp", "ablate", "scale", "cap"]
-Unit = Literal["raw", "max_act", "norm"]
+Unit = Literal["raw", "max_act", "norm", "calibrated"]
 Scope = Literal["prompt", "completion", "all"]
 Tokens = Literal["all", "prompt", "completion"]
 # Distinct conditions one request may carry: each is a column of the worker's per-token gate table.
@@ -301,6 +302,7 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
         raise SteeringError(
             "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
         )
+    spec = _calibrated_prompt_scale(spec, saes)
     seen: dict[tuple[str, int], int] = {}
     resolved, inline = [], []
     for n, feature in enumerate(spec.features):
@@ -352,7 +354,7 @@ def _targets(feature: FeatureIntervention, where: str, saes: Mapping[str, SAE], 
         return [(sae, feature.index, None)]
     if feature.sae is not None or feature.index is not None:
         raise SteeringError(f"{where}.vector", "a vector replaces sae and index: give one or the other")
-    if feature.mode == "scale" or feature.unit == "max_act":
+    if feature.mode == "scale" or feature.unit in ("max_act", "calibrated"):
         field, what = ("mode", "a vector's modes are add, ablate, clamp and cap") if feature.mode == "scale" else ("unit", "a vector's units are raw and norm")
         raise SteeringError(f"{where}.{field}", what)
     if feature.layer is not None and feature.layers is not None:
@@ -426,13 +428,21 @@ def _resolve_one(
             f"prompt; |strength x scale x prompt_scale| must be at most {limits.max_strength}",
         )
     s = requested
-    if feature.unit == "max_act":
+    unit = feature.unit
+    if unit == "calibrated":
+        calibration = _calibration(sae, index, where)
+        if "mode" in feature.model_fields_set and feature.mode != calibration.mode:
+            raise SteeringError(f"{where}.mode", f"feature {index} of SAE {sae.id!r} is calibrated for mode {calibration.mode!r}, not {feature.mode!r}")
+        feature = feature.model_copy(update={"mode": calibration.mode})
+        # What caps and the echo read: the calibrated strength in its own unit.
+        s, requested, peak, unit = s * calibration.strength, requested * calibration.strength, peak * calibration.strength, calibration.unit
+    if unit == "max_act":
         if sae.max_act is None:
             raise SteeringError(
                 f"{where}.unit", f"SAE {sae.id!r} has no feature statistics, so unit 'max_act' is unavailable; use 'raw'"
             )
         s *= float(sae.max_act[index])
-    elif feature.unit == "norm":
+    elif unit == "norm":
         if feature.mode != "add":
             raise SteeringError(f"{where}.unit", "unit 'norm' applies to mode 'add' only; use 'raw' or 'max_act'")
         norm = length if length is not None else float(sae.W_dec[index].norm())
@@ -445,7 +455,7 @@ def _resolve_one(
         raise SteeringError(f"{where}.strength", "strength overflows once its unit and scale are applied")
     # A vector's feature decodes to the raw vector v; its projection modes act along v / |v|.
     inverse = 1.0 / length if length is not None else 1.0
-    if length is not None and feature.mode == "add" and feature.unit == "raw":
+    if length is not None and feature.mode == "add" and unit == "raw":
         # A raw vector adds s * |v|: caps (--max-strength, a key's per-unit caps) judge that length,
         # as unit "norm", or a long vector would carry any strength past them.
         requested, peak = requested * length, peak * length
@@ -458,13 +468,39 @@ def _resolve_one(
         "scale": (0.0, s - 1.0),
         "cap": (0.0, -inverse),
     }[feature.mode]
-    unit = "norm" if length is not None and feature.mode == "add" else feature.unit
+    unit = "norm" if length is not None and feature.mode == "add" else unit
     return ResolvedFeature(
         sae=sae.id, index=index, mode=feature.mode, unit=unit, requested=requested, peak=peak,
         strength=s, c0=c0, c1=c1, when=when, tokens=feature.tokens, after_n=feature.after_n, first_n=feature.first_n,
         vector=feature.vector if isinstance(feature.vector, str) else None, inline=(-index - 1) // 2 if index < 0 else None,
         bias=-s if feature.mode == "cap" else 0.0,
     )  # fmt: skip
+
+
+def _calibration(sae: SAE, index: int, where: str) -> Calibration:
+    calibration = sae.calibrations.get(index) if sae.calibrations is not None else None
+    if calibration is None:
+        raise SteeringError(
+            f"{where}.unit", f"feature {index} of SAE {sae.id!r} is not calibrated: POST /v1/saes/{sae.id}/features/{index}/calibrate first"
+        )
+    return calibration
+
+
+def _calibrated_prompt_scale(spec: SteeringSpec, saes: Mapping[str, SAE]) -> SteeringSpec:
+    """The spec with the prompt_scale its calibrated features were calibrated at, unless it sets
+    one itself; features calibrated at different ones need it set."""
+    if "prompt_scale" in spec.model_fields_set:
+        return spec
+    found: dict[float, int] = {}
+    for n, feature in enumerate(spec.features):
+        if feature.unit == "calibrated" and feature.vector is None and feature.sae in saes and feature.index is not None:
+            sae = saes[feature.sae]
+            if feature.index < sae.cfg.d_sae:
+                found.setdefault(_calibration(sae, feature.index, f"steering.features[{n}]").prompt_scale, n)
+    if len(found) > 1:
+        listed = ", ".join(f"features[{n}] at {p:g}" for p, n in found.items())
+        raise SteeringError("steering.prompt_scale", f"the features were calibrated at different prompt_scales ({listed}): give prompt_scale")
+    return spec.model_copy(update={"prompt_scale": next(iter(found))}) if found else spec
 
 
 def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:

@@ -7,8 +7,8 @@ setting it measures the concept (on how many of the answer's tokens, and in how 
 feature itself fires before steering, how often an embedding judge finds the answer about the
 concept, and how many answers show both), fluency (the answers' perplexity under the
 unsteered model, as a multiple of the unsteered answers') and relevance (how close each answer stays
-to its prompt). The recommendation is the setting that brings the concept most within the fluency
-budget. The engine side of the sweep is server/calibrate.py.
+to its prompt). The recommendation is the strongest setting within the fluency budget. The
+engine side of the sweep is server/calibrate.py.
 """
 
 from __future__ import annotations
@@ -105,10 +105,17 @@ def perplexity(logprobs: list[float]) -> float:
 
 
 def recommend(rows: list[Measured], budget: float) -> int | None:
-    """The row that brings the concept most with its median perplexity within `budget` x unsteered
-    (the less perplexing on a tie), or None if no row is that fluent or any concept shows."""
-    fluent = [n for n, row in enumerate(rows) if row.perplexity_ratio <= budget and row.concept > 0]
-    return max(fluent, key=lambda n: (rows[n].concept, -rows[n].perplexity_ratio)) if fluent else None
+    """The strongest setting within the fluency budget: in each prompt_scale's sweep, the strongest
+    strength before the first whose median perplexity passes `budget` x unsteered (so one lucky
+    strong setting past a failing weaker one is not taken); of those, the one that brings the
+    concept most (the less perplexing on a tie). None if none is that fluent or shows the concept."""
+    strongest = []
+    for scale in dict.fromkeys(row.prompt_scale for row in rows):
+        sweep = sorted((n for n, row in enumerate(rows) if row.prompt_scale == scale), key=lambda n: rows[n].strength)
+        fluent = sweep[: next((k for k, n in enumerate(sweep) if rows[n].perplexity_ratio > budget), len(sweep))]
+        if fluent and rows[fluent[-1]].concept > 0:
+            strongest.append(fluent[-1])
+    return max(strongest, key=lambda n: (rows[n].concept, -rows[n].perplexity_ratio)) if strongest else None
 
 
 @dataclass(frozen=True)

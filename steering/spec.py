@@ -436,6 +436,8 @@ def _resolve_one(
         feature = feature.model_copy(update={"mode": calibration.mode})
         # What caps and the echo read: the calibrated strength in its own unit.
         s, requested, peak, unit = s * calibration.strength, requested * calibration.strength, peak * calibration.strength, calibration.unit
+        if abs(peak) > limits.max_strength:
+            raise SteeringError(f"{where}.strength", f"the calibrated strength takes it to {peak:g} {unit}; at most {limits.max_strength}")
     if unit == "max_act":
         if sae.max_act is None:
             raise SteeringError(

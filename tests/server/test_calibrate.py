@@ -27,7 +27,7 @@ def _calibrate(server, sae: str = "jr", index: int = FEATURE, **body) -> httpx.R
 
 @pytest.fixture(scope="module")
 def calibrated(server) -> dict:
-    reply = _calibrate(server, concept="a calm day at home", fluency_budget=50.0)
+    reply = _calibrate(server, fluency_budget=50.0)  # no concept, no label: an answer shows it where the feature fires
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -63,7 +63,7 @@ def test_the_recommendation_follows_the_rule_and_is_stored(calibrated, server, c
     curve = calibrated["curve"]
     assert [(r["strength"], r["prompt_scale"]) for r in curve] == [(2.0, 1.0), (1.0, 4.0)]
     for row in curve:
-        assert 0 <= row["fired"] <= 1 and 0 <= row["judged"] <= 1 and row["concept"] <= min(row["answers_fired"], row["judged"])
+        assert 0 <= row["fired"] <= 1 and row["judged"] is None and row["concept"] == row["answers_fired"]
     assert any(row["perplexity_ratio"] != 1.0 for row in curve), "steering changed no answer"
     top = calibrated["recommendation"]
     fluent = [r for r in curve if r["perplexity_ratio"] <= 50.0 and r["concept"] > 0]

@@ -45,17 +45,24 @@ def test_measured_summarises_a_settings_answers():
     assert unjudged.judged is None and unjudged.concept == 0.5
 
 
-def row(concept: float, ratio: float) -> Measured:
-    return Measured(strength=1.0, prompt_scale=1.0, fired=concept, answers_fired=concept, judged=None, concept=concept, relevance=0.5,
-                    perplexity=ratio, perplexity_ratio=ratio)  # fmt: skip
+def row(concept: float, ratio: float, strength: float = 1.0, prompt_scale: float = 1.0) -> Measured:
+    return Measured(strength=strength, prompt_scale=prompt_scale, fired=concept, answers_fired=concept, judged=None, concept=concept,
+                    relevance=0.5, perplexity=ratio, perplexity_ratio=ratio)  # fmt: skip
 
 
-def test_recommend_brings_the_concept_most_within_the_budget():
-    rows = [row(0.2, 1.2), row(0.6, 1.9), row(0.9, 2.4), row(0.6, 1.5)]
-    assert recommend(rows, 2.0) == 3  # 0.9 costs 2.4x; of the two at 0.6, the less perplexing
+def test_recommend_takes_the_strongest_setting_within_the_budget():
+    rows = [row(0.2, 1.2, 1.0), row(0.1, 1.9, 2.0), row(0.9, 2.4, 3.0), row(0.8, 3.5, 4.0), row(0.9, 1.6, 5.0)]
+    assert recommend(rows, 2.0) == 1, "the strongest before 3x passes 2.0x, not the lucky 5x beyond it, nor the weaker 1x with more concept"
     assert recommend(rows, 2.5) == 2
     assert recommend(rows, 1.1) is None  # nothing that fluent
     assert recommend([row(0.0, 1.0)], 2.0) is None  # fluent, but no concept at all
+
+
+def test_recommend_chooses_between_prompt_scales_by_concept():
+    rows = [row(0.3, 1.5, 2.0), row(0.4, 2.6, 3.0), row(0.5, 1.9, 1.0, 4.0), row(0.6, 3.0, 1.5, 4.0), row(0.5, 1.5, 0.5, 4.0)]
+    assert recommend(rows, 2.0) == 2  # strongest fluent: 2x at prompt x1 (0.3), 1x at prompt x4 (0.5)
+    tie = [row(0.5, 1.8, 2.0), row(0.5, 1.6, 1.0, 4.0)]
+    assert recommend(tie, 2.0) == 1, "the less perplexing on a tie"
 
 
 def calibration(strength: float = 1.5, prompt_scale: float = 4.0, mode: str = "clamp") -> Calibration:
@@ -111,6 +118,10 @@ def test_calibrated_unit_refusals(sae):
     with pytest.raises(SteeringError, match="different prompt_scales") as exc:
         resolved(sae, {"index": 2, "strength": 1.0, "unit": "calibrated"}, {"index": 4, "strength": 1.0, "unit": "calibrated"})
     assert exc.value.param == "steering.prompt_scale"
+    with pytest.raises(SteeringError, match="calibrated strength takes it to 1.5") as exc:  # 1 x 1.5 max_act, past --max-strength 1
+        spec = SteeringSpec(features=[FeatureIntervention(sae="t", index=2, strength=1.0, unit="calibrated")], prompt_scale=1.0)
+        resolve(spec, {"t": sae}, SteeringLimits(max_strength=1.0))
+    assert exc.value.param == "steering.features[0].strength"
     both = resolved(sae, {"index": 2, "strength": 1.0, "unit": "calibrated"}, {"index": 4, "strength": 1.0, "unit": "calibrated"}, prompt_scale=2.0)
     assert [f.mode for f in both.features] == ["clamp", "add"] and both.prompt_scale == 2.0
 

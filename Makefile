@@ -37,7 +37,8 @@ unit: setup
 bench: setup
 	$(BIN)/python -m benchmarks
 
-# Clamping default-SAE features over 30 neutral prompts (benchmarks/results/steering_demo.md).
+# The effect benchmark: calibrated features, teams, a contrastive vector and prompting, chosen on
+# pilot prompts and reported on 30 held-out ones (benchmarks/results/steering_demo.md).
 demo: setup
 	$(BIN)/python -m benchmarks.steering_demo
 

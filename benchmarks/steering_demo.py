@@ -1,14 +1,22 @@
-"""Does steering with the default SAE work? `python -m benchmarks.steering_demo [--url URL]`
+"""Does steering make the model talk about a concept, and what does it cost? The effect benchmark,
+in the style of AxBench: `python -m benchmarks.steering_demo [--url URL]` (`make demo`).
 
-For each concept: find candidate features through the server's search API (by words, and by a
-text about the concept), clamp each on the pilot prompts, and keep the best one and a team of the
-best few. Then, still on the pilot, clamp the best feature alone (with the prompt steered as hard
-as the answer, and with the prompt steered PROMPT_SCALE times harder) and the team together at
-several strengths, and choose the setting with the most mentions whose median perplexity stays
-within 3x unsteered. Only that setting, and the unsteered model, then answer the 30 evaluation
-prompts, which nothing was chosen on; those are the figures reported. Mentions are judged by
-keywords and by sentence-embedding similarity; fluency by perplexity under the unsteered model and
-the share of repeated 3-grams. Writes steering_demo.json, .md and .png under benchmarks/results/.
+Per concept (the Golden Gate Bridge, dogs, the ocean, music), every choice is made on the pilot
+prompts and every reported figure comes from the evaluation prompts, which nothing was chosen on:
+- candidate features come from the server's search; each is calibrated through
+  `POST /v1/saes/default/features/{i}/calibrate` on the pilot prompts, and they are ranked by the
+  effect each showed at its recommended setting (features chosen by their effect, not their activations);
+- methods, each then answering the evaluation prompts:
+  - *feature, calibrated*: the best feature at `{"strength": 1, "unit": "calibrated"}`, the calibration's own choice of strength and `prompt_scale`;
+  - *feature, prompt_scale 1*: the same feature at the strongest setting the calibration found within budget with the prompt steered like the answer;
+  - *team*: the best TEAM calibrated features together, each at its calibrated strength, their common scale chosen on the pilot;
+  - *contrastive vector*: `POST /v1/vectors/contrast` from chats about the concept against neutral ones, its strength chosen on the pilot;
+  - *prompting*: no steering; a system prompt asks the model to bring the concept up.
+Measures: keyword mentions, an embedding judge (similarity to a description of the concept),
+perplexity under the unsteered model (as a multiple of the unsteered answers'), relevance (answer
+to prompt similarity, as a share of the unsteered answers'), and per answer the harmonic mean of
+concept, fluency and relevance, as AxBench reports. Writes steering_demo.json, .md and .png under
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from openai import AsyncOpenAI
 
 from core.local import MODEL_NAME, ensure_default_model, start_steerserve, stop_server
+from features.calibration import EMBEDDING_THRESHOLD, Measured, recommend
 from features.embedding import embedder
 
 PROMPTS = [
@@ -54,21 +63,21 @@ PILOT_PROMPTS = [
     "Give me a plan for clearing out a cupboard.", "What questions should I ask a new doctor?",
     "Describe a snowy afternoon in a small town.", "How do I bake bread without a mixer?",
 ]  # fmt: skip
-# Clamp targets, in multiples of each feature's max activation: one feature alone, and a team of
-# TEAM features at once (each one lower, since their pushes add up).
-STRENGTHS = [2.0, 3.0, 4.0, 6.0]
-TEAM_STRENGTHS = [0.75, 1.0, 1.25, 1.5, 2.0]
-# The best feature once more with `prompt_scale`: the prompt read PROMPT_SCALE times more strongly
-# steered than the answer is written. 4 was chosen with transformers and the same hook on the
-# first 8 pilot prompts and 8 more of the same kind, never on the evaluation prompts: for the
-# bridge feature it gave far more mentions at the same perplexity than steering every token alike.
-PROMPT_SCALE = 4.0
-PROMPT_WEIGHTED_STRENGTHS = [1.0, 1.25, 1.5, 2.0]
-PILOT_STRENGTH = 4.0
-TEAM = 5
-MAX_TOKENS = 80
-EMBEDDING_THRESHOLD = 0.3  # cosine similarity to the concept's description that counts as about it
-FLUENCY_LIMIT = 3.0  # a setting may be chosen if its median perplexity is at most this x unsteered
+MAX_TOKENS = 64
+# The most perplexity a choice on the pilot may cost, x unsteered: the calibrations' fluency budget
+# and the pilot choices' limit. Below the bar's 3x, because a choice made on 16 prompts drifts on
+# others (the earlier demo's chosen settings moved by up to +0.8x from pilot to evaluation).
+BUDGET = 2.5
+FLUENCY_LIMIT = 3.0  # the bar, on the evaluation prompts: median perplexity at most this x unsteered
+BAR_MENTIONS, BAR_EMBEDDING = 0.7, 0.4  # and at least these shares of answers about the concept
+# Every candidate is screened on a few pilot prompts at two strong settings; the CANDIDATES with the
+# most concept there are calibrated in full.
+SCREEN = {"prompts": PILOT_PROMPTS[:6], "settings": [{"strength": 3.0}, {"strength": 1.25, "prompt_scale": 4.0}], "max_tokens": 32}
+CANDIDATES = 3
+TEAM = 3
+TEAM_SCALES = (0.5, 0.75, 1.0)  # the team's common scale on its calibrated strengths, chosen on the pilot
+VECTOR_LAYER = 15
+VECTOR_FRACTIONS = (0.3, 0.35, 0.4, 0.45)  # of the stream's norm there (the contrast demo found 0.35-0.4 steering)
 SAE = "default"
 T = TypeVar("T")
 
@@ -79,20 +88,34 @@ class Concept:
     queries: tuple[str, ...]  # what is typed into the feature search
     keywords: tuple[str, ...]  # regexes; an answer mentions the concept if any matches
     description: str  # a text about it: searched for the features active on it, and the embedding target
+    topic: str = ""  # how the prompting baseline names it
+    subjects: tuple[str, ...] = ()  # the contrastive vector's positive examples are about these
 
 
 CONCEPTS = [
     Concept("the Golden Gate Bridge / San Francisco", ("golden gate", "bridge", "san francisco"),
             (r"golden gate", r"\bbridges?\b", r"san francisco"),
             "The Golden Gate Bridge is a suspension bridge in San Francisco. Tourists walk across the bridge "
-            "to see the bay, the fog and the city."),
+            "to see the bay, the fog and the city.", "the Golden Gate Bridge",
+            ("the Golden Gate Bridge", "San Francisco's red suspension bridge", "the bridge over the Golden Gate strait",
+             "crossing the Golden Gate Bridge in the fog")),
     Concept("dogs", ("dog", "puppy"), (r"\bdogs?\b", r"\bpupp(y|ies)\b", r"\bcanine"),
-            "My dog loves to play fetch. Dogs and puppies are loyal pets; the dog wagged its tail and barked."),
+            "My dog loves to play fetch. Dogs and puppies are loyal pets; the dog wagged its tail and barked.", "dogs",
+            ("dogs", "my puppy", "a loyal dog", "dogs playing fetch in the park")),
     Concept("the ocean", ("ocean", "sea"), (r"\boceans?\b", r"\bseas?\b", r"\bwaves?\b", r"\bmarine\b"),
-            "The ocean waves crashed on the shore. The sea is deep and blue, full of fish and marine life."),
+            "The ocean waves crashed on the shore. The sea is deep and blue, full of fish and marine life.", "the ocean",
+            ("the ocean", "the deep blue sea", "ocean waves crashing on the shore", "sailing across the sea")),
     Concept("music", ("music", "song"), (r"\bmusic", r"\bsongs?\b", r"\bmelod", r"\bguitar", r"\bpiano"),
-            "She played a song on the guitar and the piano. Music, melody and rhythm filled the concert hall."),
+            "She played a song on the guitar and the piano. Music, melody and rhythm filled the concert hall.", "music",
+            ("music", "playing the guitar", "a piano concert", "singing a song")),
 ]  # fmt: skip
+# The contrastive vector's examples: each template about each subject (the concept's, or these).
+TEMPLATES = [
+    "Tell me about {}.", "Write a short poem about {}.", "What is the history of {}?", "Describe {} to a child.",
+    "Why do people like {}?", "Give me three facts about {}.", "What comes to mind when you think of {}?",
+    "Write a short story about {}.",
+]  # fmt: skip
+NEUTRAL = ["a kitchen table", "the alphabet", "filing taxes", "a spreadsheet"]
 
 
 def mentions(concept: Concept, text: str) -> bool:
@@ -106,8 +129,14 @@ def repetition(text: str) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def system_prompt(concept: Concept) -> str:
+    """The prompting baseline: what AxBench's prompt baseline asks, in one sentence."""
+    return f"Whatever you are asked, answer it, and bring {concept.topic} into your answer."
+
+
 class Judges:
-    """Perplexity under the unsteered model, and sentence embeddings (features.embedding)."""
+    """Perplexity under the unsteered model (transformers, float32: independent of the engine that
+    steered), and sentence embeddings (features.embedding)."""
 
     def __init__(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,15 +161,15 @@ class Judges:
         return embedder().embed(texts, max_length=256)
 
 
-async def _answers(url: str, steerings: list[dict | None], prompts: list[str]) -> list[list[str]]:
+async def _answers(url: str, steerings: list[dict | None], prompts: list[str], system: str | None) -> list[list[str]]:
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1800)
 
     async def one(steering: dict | None, n: int, prompt: str) -> str:
         extra = {"steering": steering} if steering else {}
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         reply = await client.chat.completions.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
-            temperature=0.7, seed=n, extra_body=extra,
-        )  # fmt: skip
+            model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0.7, seed=n, extra_body=extra
+        )
         return reply.choices[0].message.content or ""
 
     try:
@@ -150,15 +179,15 @@ async def _answers(url: str, steerings: list[dict | None], prompts: list[str]) -
     return [flat[i : i + len(prompts)] for i in range(0, len(flat), len(prompts))]
 
 
-def answers(url: str, steerings: list[dict | None], prompts: list[str]) -> list[list[str]]:
+def answers(url: str, steerings: list[dict | None], prompts: list[str], system: str | None = None) -> list[list[str]]:
     """Each steering's answers to every prompt (seed = the prompt's position, the same for every
     steering). All are sent at once: the engine batches a whole sweep, far faster on a CPU than one
     steering at a time."""
-    return asyncio.run(_answers(url, steerings, prompts))
+    return asyncio.run(_answers(url, steerings, prompts, system))
 
 
 def candidates(url: str, concept: Concept) -> list[dict]:
-    """The top 4 features of a word search for each query, and the top 8 most active on a text about the concept."""
+    """The top 4 features of a search for each query, and the top 8 most active on a text about the concept."""
     found = []
     for query in concept.queries:
         found += httpx.get(f"{url}/v1/saes/{SAE}/features", params={"q": query, "limit": 4}, timeout=60).json()["data"]
@@ -168,109 +197,152 @@ def candidates(url: str, concept: Concept) -> list[dict]:
     return list({f["index"]: f for f in found}.values())
 
 
-def clamp(indices: list[int], strength: float, prompt_scale: float = 1.0) -> dict:
-    features = [{"sae": SAE, "index": i, "mode": "clamp", "strength": strength, "unit": "max_act"} for i in indices]
-    return {"features": features, "prompt_scale": prompt_scale}
-
-
-def score(concept: Concept, judges: Judges, texts: list[str], prompts: list[str], target: torch.Tensor) -> dict:
-    similarity = (judges.embed(texts) @ target).tolist()
+def score(concept: Concept, judges: Judges, texts: list[str], prompts: list[str], target: torch.Tensor, base: dict | None = None) -> dict:
+    """A setting's answers judged; with `base` (the unsteered row on the same prompts), also each
+    answer's harmonic mean of concept (a keyword or the embedding judge), fluency (unsteered median
+    perplexity over its own, at most 1) and relevance (its similarity to its prompt over the
+    unsteered median, at most 1), averaged: AxBench's aggregate."""
+    embedded = judges.embed(texts)
+    similarity = (embedded @ target).tolist()
+    relevance = (embedded * judges.embed(prompts)).sum(1).tolist()
     ppl = [judges.perplexity(p, t) for p, t in zip(prompts, texts)]
-    return {
+    row = {
         "keyword_rate": sum(mentions(concept, t) for t in texts) / len(texts),
         "embedding_rate": sum(s >= EMBEDDING_THRESHOLD for s in similarity) / len(texts),
         "median_similarity": statistics.median(similarity),
         "median_perplexity": statistics.median(p for p in ppl if p == p),
+        "median_relevance": statistics.median(relevance),
         "repetition": statistics.mean(repetition(t) for t in texts),
         "example": texts[0],
     }
+    if base is not None:
+        def harmonic(*parts: float) -> float:
+            return 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+
+        concept_hit = [float(mentions(concept, t) or s >= EMBEDDING_THRESHOLD) for t, s in zip(texts, similarity)]
+        fluency = [min(1.0, base["median_perplexity"] / p) if p == p else 0.0 for p in ppl]
+        relevant = [min(1.0, max(0.0, r / base["median_relevance"])) for r in relevance]
+        row["harmonic"] = statistics.mean(harmonic(*parts) for parts in zip(concept_hit, fluency, relevant))
+    return row
 
 
-def screen(url: str, concept: Concept, judges: Judges, found: list[dict]) -> list[dict]:
-    """Each candidate clamped alone on the pilot prompts: the share of answers that mention the
-    concept and their median perplexity, best first."""
+def calibrate(url: str, concept: Concept, index: int, **body) -> dict:
+    """The feature calibrated on the pilot prompts through the server, and kept there (or, with
+    `body`, that calibration's fields replaced)."""
+    body = {"prompts": PILOT_PROMPTS, "concept": concept.description, "fluency_budget": BUDGET, "max_tokens": MAX_TOKENS, **body}
+    reply = httpx.post(f"{url}/v1/saes/{SAE}/features/{index}/calibrate", json=body, timeout=1800)
+    reply.raise_for_status()
+    return reply.json()
+
+
+def screen(url: str, concept: Concept, found: list[dict]) -> list[dict]:
+    """Every candidate's largest concept score at the SCREEN settings (perplexity aside), best first."""
     rows = []
-    answered = answers(url, [clamp([c["index"]], PILOT_STRENGTH) for c in found], PILOT_PROMPTS)
-    for candidate, texts in zip(found, answered):
-        ppl = statistics.median(judges.perplexity(p, t) for p, t in zip(PILOT_PROMPTS, texts))
-        rows.append({"index": candidate["index"], "label": candidate["label"],
-                     "keyword_rate": sum(mentions(concept, t) for t in texts) / len(texts), "median_perplexity": ppl})  # fmt: skip
-    return sorted(rows, key=lambda r: (-r["keyword_rate"], r["median_perplexity"]))
+    for c in found:
+        cal = calibrate(url, concept, c["index"], **SCREEN, store=False, fluency_budget=100.0)
+        rows.append({"index": c["index"], "label": c["label"], "screen": max(row["concept"] for row in cal["curve"])})
+    return sorted(rows, key=lambda r: -r["screen"])
 
 
-def measure(url: str, concept: Concept, judges: Judges, target: torch.Tensor, prompts: list[str],
-            settings: list[tuple[list[int], float, float]]) -> list[dict]:  # fmt: skip
-    """Each clamp setting's (features, strength, prompt_scale) answers to `prompts`, scored."""
-    answered = answers(url, [clamp(*setting) for setting in settings], prompts)
-    rows = []
-    for (features, strength, prompt_scale), texts in zip(settings, answered):
-        row = {"features": features, "strength": strength, "prompt_scale": prompt_scale, **score(concept, judges, texts, prompts, target)}
-        print(f"  {steering_name(row)} at {strength:g} x max_act on {len(prompts)} prompts: mentions {row['keyword_rate']:.0%} "
-              f"(embedding {row['embedding_rate']:.0%}), median ppl {row['median_perplexity']:.1f}, "
-              f"repetition {row['repetition']:.2f}", flush=True)  # fmt: skip
-        rows.append(row)
-    return rows
+def feature(index: int, strength: float = 1.0, unit: str = "calibrated") -> dict:
+    return {"sae": SAE, "index": index, "strength": strength, "unit": unit, **({"mode": "clamp"} if unit != "calibrated" else {})}
 
 
-def unsteered_row(concept: Concept, judges: Judges, target: torch.Tensor, prompts: list[str], texts: list[str]) -> dict:
-    """The unsteered answers to `prompts`, scored for `concept`: the baseline every row is compared with."""
-    return {"features": [], "strength": 0.0, "prompt_scale": 1.0, **score(concept, judges, texts, prompts, target)}
-
-
-def choose(pilot: list[dict]) -> tuple[int, bool]:
+def choose(pilot: list[dict], limit: float = BUDGET) -> tuple[int, bool]:
     """The pilot row (after the unsteered one, row 0) with the most mentions whose median perplexity
-    is within FLUENCY_LIMIT x unsteered, the less perplexing on a tie, and True; if no row is that
+    is within `limit` x unsteered, the less perplexing on a tie, and True; if no row is that
     fluent, the least perplexing one and False."""
-    limit = FLUENCY_LIMIT * pilot[0]["median_perplexity"]
+    bound = limit * pilot[0]["median_perplexity"]
     steered = range(1, len(pilot))
-    fluent = [n for n in steered if pilot[n]["median_perplexity"] <= limit]
+    fluent = [n for n in steered if pilot[n]["median_perplexity"] <= bound]
     if fluent:
         return max(fluent, key=lambda n: (pilot[n]["keyword_rate"], -pilot[n]["median_perplexity"])), True
     return min(steered, key=lambda n: pilot[n]["median_perplexity"]), False
 
 
+def slug(concept: Concept) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", concept.name.lower()).strip("-")[:40]
+
+
+def derive(url: str, concept: Concept) -> dict:
+    """The concept's contrastive direction at VECTOR_LAYER, kept on the server under `slug`."""
+    def chats(subjects) -> list[list[dict]]:
+        return [[{"role": "user", "content": t.format(s)}] for t in TEMPLATES for s in subjects]
+
+    body = {"positive": chats(concept.subjects), "negative": chats(NEUTRAL), "layer": VECTOR_LAYER, "name": slug(concept)}
+    reply = httpx.post(f"{url}/v1/vectors/contrast", json=body, timeout=1800)
+    reply.raise_for_status()
+    return {k: v for k, v in reply.json().items() if k != "vector"}
+
+
+def pilot_choice(url: str, concept: Concept, judges: Judges, target: torch.Tensor, base: dict, steerings: list[tuple[str, dict]]) -> tuple[list[dict], int]:
+    """Each named steering's pilot answers judged, and the one `choose` takes."""
+    rows = [base]
+    for (name, _), texts in zip(steerings, answers(url, [s for _, s in steerings], PILOT_PROMPTS)):
+        rows.append({"setting": name, **score(concept, judges, texts, PILOT_PROMPTS, target)})
+        print(f"    pilot {name}: mentions {rows[-1]['keyword_rate']:.0%}, ppl {rows[-1]['median_perplexity'] / base['median_perplexity']:.2f}x", flush=True)
+    return rows, choose(rows)[0]
+
+
 def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
     results = []
-    # Answered once, scored per concept.
     unsteered = {"pilot": answers(url, [None], PILOT_PROMPTS)[0], "evaluation": answers(url, [None], PROMPTS)[0]}
     for concept in concepts:
-        found = candidates(url, concept)
-        ranked = [r for r in screen(url, concept, judges, found) if r["keyword_rate"] > 0]
-        if not ranked:
-            print(f"{concept.name}: no candidate feature made the model mention it on the pilot", flush=True)
-            continue
-        team = [r["index"] for r in ranked[:TEAM]]
-        print(f"{concept.name}: {len(found)} candidates; best {ranked[0]['index']} ({ranked[0]['label']}), team {team}", flush=True)
+        started = time.monotonic()
         target = judges.embed([concept.description])[0]
-        best_one = [ranked[0]["index"]]
-        settings = [(best_one, s, 1.0) for s in STRENGTHS] + [(best_one, s, PROMPT_SCALE) for s in PROMPT_WEIGHTED_STRENGTHS]
-        settings += [(team, s, 1.0) for s in TEAM_STRENGTHS] if len(team) > 1 else []
-        pilot = [unsteered_row(concept, judges, target, PILOT_PROMPTS, unsteered["pilot"])]
-        pilot += measure(url, concept, judges, target, PILOT_PROMPTS, settings)
-        chosen, fluent = choose(pilot)
-        top = pilot[chosen]
-        print(f"{concept.name}: chose {steering_name(top)} at {top['strength']:g} on the pilot; evaluating it", flush=True)
-        evaluation = [
-            unsteered_row(concept, judges, target, PROMPTS, unsteered["evaluation"]),
-            *measure(url, concept, judges, target, PROMPTS, [(top["features"], top["strength"], top["prompt_scale"])]),
-        ]
-        results.append({"concept": concept.name, "queries": concept.queries, "candidates": ranked, "pilot": pilot,
-                        "chosen": chosen, "fluent_on_pilot": fluent, "evaluation": evaluation})  # fmt: skip
+        pilot_base = {"setting": "unsteered", **score(concept, judges, unsteered["pilot"], PILOT_PROMPTS, target)}
+        screened = screen(url, concept, candidates(url, concept))
+        listed = ", ".join(f"{r['index']} {r['screen']:.2f}" for r in screened)
+        print(f"{concept.name}: screened {listed}", flush=True)
+        calibrated = []
+        for c in screened[:CANDIDATES]:
+            cal = calibrate(url, concept, c["index"])
+            top = cal["recommendation"]
+            print(f"{concept.name}: feature {c['index']} ({c['label']}) calibrated in {cal['seconds']:.0f} s: "
+                  + (f"effect {top['effect']:.2f} at {top['strength']:g}x, prompt x{top['prompt_scale']:g}" if top else "no fluent setting"), flush=True)  # fmt: skip
+            calibrated.append({"index": c["index"], "label": c["label"], **cal})
+        ranked = sorted([c for c in calibrated if c["recommendation"]], key=lambda c: -c["recommendation"]["effect"])
+        if not ranked:
+            print(f"{concept.name}: no candidate had a fluent setting", flush=True)
+            continue
+        best = ranked[0]
+        methods: list[tuple[str, dict | None, str | None]] = [("prompting", None, system_prompt(concept))]
+        methods.append(("feature, calibrated", {"features": [feature(best["index"])]}, None))
+        plain = [Measured(**row) for row in best["curve"] if row["prompt_scale"] == 1]
+        if (n := recommend(plain, BUDGET)) is not None:
+            methods.append(("feature, prompt_scale 1", {"features": [feature(best["index"], plain[n].strength, "max_act")]}, None))
+        team = [c["index"] for c in ranked[:TEAM]]
+        pilot = {}
+        if len(team) > 1:
+            steerings = [(f"team x{s:g}", {"features": [feature(i) for i in team], "scale": s, "prompt_scale": best["recommendation"]["prompt_scale"]})
+                         for s in TEAM_SCALES]  # fmt: skip
+            rows, chosen = pilot_choice(url, concept, judges, target, pilot_base, steerings)
+            pilot["team"] = {"rows": rows, "chosen": chosen}
+            methods.append((f"team of {len(team)}", steerings[chosen - 1][1], None))
+        derived = derive(url, concept)
+        steerings = [(f"vector x{f:g}", {"features": [{"vector": slug(concept), "layer": VECTOR_LAYER, "strength": f * derived["stream_norm"], "unit": "norm"}]})
+                     for f in VECTOR_FRACTIONS]  # fmt: skip
+        rows, chosen = pilot_choice(url, concept, judges, target, pilot_base, steerings)
+        pilot["vector"] = {"rows": rows, "chosen": chosen, "derived": derived}
+        methods.append(("contrastive vector", steerings[chosen - 1][1], None))
+
+        base = {"method": "unsteered", **score(concept, judges, unsteered["evaluation"], PROMPTS, target)}
+        base["harmonic"] = score(concept, judges, unsteered["evaluation"], PROMPTS, target, base)["harmonic"]
+        evaluation = [base]
+        for name, steering, system in methods:
+            texts = answers(url, [steering], PROMPTS, system)[0]
+            row = {"method": name, "steering": steering, **score(concept, judges, texts, PROMPTS, target, base)}
+            row["meets_bar"] = meets_bar(row, base)
+            print(f"  {name}: mentions {row['keyword_rate']:.0%}, embedding {row['embedding_rate']:.0%}, "
+                  f"ppl {times(row, base):.2f}x, harmonic {row['harmonic']:.2f}{' (meets the bar)' if row['meets_bar'] else ''}", flush=True)  # fmt: skip
+            evaluation.append(row)
+        results.append({"concept": concept.name, "screened": screened, "calibrated": calibrated, "best": best["index"], "pilot": pilot,
+                        "evaluation": evaluation, "seconds": round(time.monotonic() - started)})  # fmt: skip
     return results
 
 
-def family(row: dict) -> str:
-    """Which sweep a row belongs to: the best feature, the same with the prompt weighted, or the team."""
-    if len(row["features"]) > 1:
-        return "team"
-    return "best feature" if row["prompt_scale"] == 1 else f"best feature, prompt x{row['prompt_scale']:g}"
-
-
-def steering_name(row: dict) -> str:
-    if not row["features"]:
-        return "unsteered"
-    weighted = f", prompt x{row['prompt_scale']:g}" if row["prompt_scale"] != 1 else ""
-    return (f"feature {row['features'][0]}" if len(row["features"]) == 1 else "team " + "+".join(map(str, row["features"]))) + weighted
+def meets_bar(row: dict, base: dict) -> bool:
+    return row["keyword_rate"] >= BAR_MENTIONS and row["embedding_rate"] >= BAR_EMBEDDING and times(row, base) <= FLUENCY_LIMIT
 
 
 def times(row: dict, base: dict) -> float:
@@ -282,120 +354,146 @@ def ratio(row: dict, base: dict) -> str:
     return f"{row['median_perplexity']:.1f} ({times(row, base):.2f}x)"
 
 
+def setting_of(row: dict) -> str:
+    """A calibration row's or recommendation's setting, in words."""
+    weighted = f", prompt x{row['prompt_scale']:g}" if row["prompt_scale"] != 1 else ""
+    return f"clamp {row['strength']:g}x max_act{weighted}"
+
+
 def markdown(results: list[dict], seconds: float) -> str:
-    n_pilot, n_eval = len(PILOT_PROMPTS), len(PROMPTS)
-    method = (
-        f"Every choice was made on {n_pilot} pilot prompts; the figures under *On the evaluation prompts* come from "
-        f"{n_eval} other neutral prompts that nothing was chosen on. On the pilot, per concept: candidate features "
-        f"from the server's search, each clamped alone at {PILOT_STRENGTH:g}x max_act and ranked by mentions; the best "
-        f"one clamped alone (at {', '.join(f'{s:g}' for s in STRENGTHS)}x), the same with `prompt_scale` {PROMPT_SCALE:g} "
-        f"(the prompt's tokens steered {PROMPT_SCALE:g}x as hard as the answer's; at "
-        f"{', '.join(f'{s:g}' for s in PROMPT_WEIGHTED_STRENGTHS)}x), and a team of the best {TEAM} together "
-        f"(at {', '.join(f'{s:g}' for s in TEAM_STRENGTHS)}x each). Chosen: the setting with the most keyword mentions "
-        f"on the pilot whose median perplexity there is within {FLUENCY_LIMIT:g}x the unsteered median there (the "
-        f"less perplexing on a tie). Only that setting and the unsteered model then answered the evaluation prompts. "
-        f"{MAX_TOKENS} tokens, temperature 0.7, seeded; clamp strength in multiples of each feature's max activation. "
-        f"Mentions: keyword match; embedding: cosine similarity >= {EMBEDDING_THRESHOLD:g} to the concept's "
-        f"description (all-MiniLM-L6-v2). Perplexity of the answer under the unsteered model, given the prompt. "
-        f"Run took {seconds:.0f} s."
-    )
+    met = [r for r in results if r["evaluation"][2]["meets_bar"]]
     lines = [
-        "# Steering demo: clamping the default SAE's features",
+        "# Effect benchmark: steering toward a concept, and what it costs",
         "",
-        method,
+        f"Per concept, every choice was made on {len(PILOT_PROMPTS)} pilot prompts and every figure below the first "
+        f"heading comes from {len(PROMPTS)} evaluation prompts that nothing was chosen on ({MAX_TOKENS} tokens, "
+        f"temperature 0.7, seeded). The features the server's search finds for the concept (4 per query, by meaning, and 8 most "
+        f"active on its description) were screened on {len(SCREEN['prompts'])} pilot prompts at two strong settings "
+        f"(clamp 3x max_act; 1.25x with the prompt steered 4x), and the {CANDIDATES} with the most concept there were "
+        f"each calibrated through `POST /v1/saes/{SAE}/features/{{i}}/calibrate` on the pilot prompts (fluency budget "
+        f"{BUDGET:g}x, the concept's description as the embedding judge's target) and ranked by the effect each showed "
+        f"at its recommended setting. Methods: *feature, calibrated*: the best feature at strength 1 in unit "
+        f"`calibrated`, with no strength picked by hand; *feature, prompt_scale 1*: the same feature at the "
+        f"calibration's best setting that steers the prompt like the answer; *team*: the best {TEAM} calibrated "
+        f"features together, their common scale ({', '.join(f'{s:g}' for s in TEAM_SCALES)}) chosen on the pilot; "
+        f"*contrastive vector*: `POST /v1/vectors/contrast` at layer {VECTOR_LAYER} from {len(TEMPLATES) * 4} chats about "
+        f"the concept against {len(TEMPLATES) * len(NEUTRAL)} neutral ones, added at a fraction "
+        f"({', '.join(f'{f:g}' for f in VECTOR_FRACTIONS)}) of the stream norm chosen on the pilot; *prompting*: no "
+        f"steering, the system prompt \"{system_prompt(CONCEPTS[0])}\". Pilot choices take the most keyword mentions "
+        f"within {BUDGET:g}x the unsteered median perplexity. Judges: keywords; embedding similarity >= "
+        f"{EMBEDDING_THRESHOLD:g} to the concept's description (all-MiniLM-L6-v2); perplexity under the unsteered model "
+        f"(transformers, float32); relevance, the answer's similarity to its prompt; *harmonic*, per answer the "
+        f"harmonic mean of concept (keyword or embedding), fluency (unsteered median perplexity / its own, at most 1) "
+        f"and relevance (over the unsteered median, at most 1), averaged, as AxBench aggregates. Run took {seconds:.0f} s.",
         "",
-        f"## On the evaluation prompts ({n_eval}, never used for choosing)",
+        f"## Calibrated steering against the bar ({len(PROMPTS)} evaluation prompts)",
         "",
-        (
-            "| concept | setting, chosen on the pilot | mentions, keywords (unsteered) | mentions, embedding "
-            "(unsteered) | median ppl (x unsteered) | repetition (unsteered) |"
-        ),
-        "|---|---|---|---|---|---|",
+        f"The bar: at least {BAR_MENTIONS:.0%} of answers mention the concept by keyword and {BAR_EMBEDDING:.0%} by the "
+        f"embedding judge, within {FLUENCY_LIMIT:g}x the unsteered median perplexity. **{len(met)} of {len(results)} "
+        f"concepts meet it** with the feature at its calibrated strength.",
+        "",
+        "| concept | feature | calibrated setting | mentions | embedding | median ppl (x unsteered) | relevance | harmonic | meets the bar |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for result in results:
-        base, top = result["evaluation"]
+    for r in results:
+        base, top = r["evaluation"][0], r["evaluation"][2]
+        best = next(c for c in r["calibrated"] if c["index"] == r["best"])
         lines.append(
-            f"| {result['concept']} | {steering_name(top)} at {top['strength']:g}x | {top['keyword_rate']:.0%} "
-            f"({base['keyword_rate']:.0%}) | {top['embedding_rate']:.0%} ({base['embedding_rate']:.0%}) | "
-            f"{ratio(top, base)} | {top['repetition']:.2f} ({base['repetition']:.2f}) |"
+            f"| {r['concept']} | {r['best']} ({best['label']}) | {setting_of(best['recommendation'])} | {top['keyword_rate']:.0%} "
+            f"| {top['embedding_rate']:.0%} | {ratio(top, base)} | {top['median_relevance'] / base['median_relevance']:.2f} "
+            f"| {top['harmonic']:.2f} | {'yes' if top['meets_bar'] else '**no**'} |"
         )
-    lines.append("")
-    for result in results:
-        (base, top), pilot_base, pilot_top = result["evaluation"], result["pilot"][0], result["pilot"][result["chosen"]]
-        fluent = "" if result["fluent_on_pilot"] else f" (no pilot setting was within {FLUENCY_LIMIT:g}x: the least perplexing)"
-        lines.append(
-            f"- **{result['concept']}**: {steering_name(top)} at {top['strength']:g}x max_act{fluent}. On the evaluation "
-            f"prompts {top['keyword_rate']:.0%} of answers mention it by keyword and {top['embedding_rate']:.0%} by "
-            f"embedding (unsteered {base['keyword_rate']:.0%} and {base['embedding_rate']:.0%}), at "
-            f"{times(top, base):.2f}x the unsteered median perplexity; on the pilot it had {pilot_top['keyword_rate']:.0%} "
-            f"and {pilot_top['embedding_rate']:.0%} at {times(pilot_top, pilot_base):.2f}x. "
-            f"Example (\"{PROMPTS[0]}\"): \"{top['example'][:160]}\""
-        )
-    lines += [
-        "",
-        f"## On the pilot ({n_pilot} prompts): every setting, and the one chosen",
-        "",
-        "| concept | steering | strength | mentions | embedding | median ppl (x unsteered) | repetition | chosen |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        base = result["pilot"][0]
-        for n, row in enumerate(result["pilot"]):
+    lines += ["", "## Every method on the evaluation prompts", "",
+              "| concept | method | mentions | embedding | median ppl (x unsteered) | relevance (x unsteered) | harmonic | meets the bar |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        base = r["evaluation"][0]
+        for row in r["evaluation"]:
+            bar = "" if row is base else "yes" if row["meets_bar"] else "no"
             lines.append(
-                f"| {result['concept']} | {steering_name(row)} | {row['strength']:g} | {row['keyword_rate']:.0%} | "
-                f"{row['embedding_rate']:.0%} | {ratio(row, base)} | {row['repetition']:.2f} | "
-                f"{'**chosen**' if n == result['chosen'] else ''} |"
+                f"| {r['concept']} | {row['method']} | {row['keyword_rate']:.0%} | {row['embedding_rate']:.0%} | {ratio(row, base)} "
+                f"| {row['median_relevance'] / base['median_relevance']:.2f} | {row['harmonic']:.2f} | {bar} |"
             )
-    lines += ["", f"## On the pilot: each candidate clamped alone at {PILOT_STRENGTH:g}x max_act", ""]
-    for result in results:
-        screened = ", ".join(f"{r['index']} {r['keyword_rate']:.0%}" for r in result["candidates"])
-        lines.append(f"- **{result['concept']}** (searched {', '.join(result['queries'])}): {screened}")
-    lines += [
-        "",
-        "## Prompts",
-        "",
-        f"Pilot (choosing only): {'; '.join(PILOT_PROMPTS)}",
-        "",
-        f"Evaluation (reporting only): {'; '.join(PROMPTS)}",
-        "",
-        "![steering demo](steering_demo.png)",
-        "",
-    ]
+    lines += [""]
+    for r in results:
+        prompting, steered = r["evaluation"][1], r["evaluation"][2:]
+        best = max(steered, key=lambda row: row["harmonic"])
+        if prompting["harmonic"] >= best["harmonic"]:
+            verdict = (f"**prompting wins**: harmonic {prompting['harmonic']:.2f} against {best['harmonic']:.2f} for the best "
+                       f"steering ({best['method']}), with {prompting['keyword_rate']:.0%} mentions at {times(prompting, r['evaluation'][0]):.2f}x perplexity")  # fmt: skip
+        else:
+            verdict = f"steering wins: {best['method']} scores {best['harmonic']:.2f} against prompting's {prompting['harmonic']:.2f}"
+        example = r["evaluation"][2]["example"][:160].replace("\n", " ")
+        lines.append(f"- **{r['concept']}**: {verdict}. Calibrated feature, \"{PROMPTS[0]}\": \"{example}\"")
+    lines += ["", f"## Features ranked by their effect (calibrated on the {len(PILOT_PROMPTS)} pilot prompts)", "",
+              "In screening order; *effect* is the recommended setting's concept score: the share of answers in which the "
+              "feature fires before steering and that the embedding judge finds about the concept.", "",
+              "| concept | feature | label | recommended | effect | ppl (x unsteered) | calibration took | chosen |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        for c in r["calibrated"]:
+            top = c["recommendation"]
+            rec = (setting_of(top), f"{top['effect']:.2f}", f"{top['perplexity_ratio']:.2f}x") if top else ("none within budget", "", "")
+            lines.append(f"| {r['concept']} | {c['index']} | {c['label']} | {' | '.join(rec)} | {c['seconds']:.0f} s | {'**best**' if c['index'] == r['best'] else ''} |")
+    lines += ["", "Screened (concept score at the stronger of the two screening settings): "]
+    lines += [f"- **{r['concept']}**: " + ", ".join(f"{c['index']} {c['screen']:.2f}" for c in r["screened"]) for r in results]
+    lines += ["", "## The best features' calibration curves (pilot)", "",
+              "| concept | setting | fires, tokens | fires, answers | judged | concept | relevance | ppl (x unsteered) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        best = next(c for c in r["calibrated"] if c["index"] == r["best"])
+        for row in best["curve"]:
+            mark = " **(recommended)**" if (row["strength"], row["prompt_scale"]) == (best["recommendation"]["strength"], best["recommendation"]["prompt_scale"]) else ""
+            lines.append(f"| {r['concept']} | {setting_of(row)}{mark} | {row['fired']:.0%} | {row['answers_fired']:.0%} | {row['judged']:.0%} | {row['concept']:.2f} "
+                         f"| {row['relevance']:.2f} | {row['perplexity_ratio']:.2f} |")  # fmt: skip
+    lines += ["", "## Pilot choices: the team's scale and the vector's strength", "",
+              "| concept | setting | mentions | embedding | median ppl (x unsteered) | chosen |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        for choice in r["pilot"].values():
+            base = choice["rows"][0]
+            for n, row in enumerate(choice["rows"][1:], 1):
+                lines.append(f"| {r['concept']} | {row['setting']} | {row['keyword_rate']:.0%} | {row['embedding_rate']:.0%} | {ratio(row, base)} | {'yes' if n == choice['chosen'] else ''} |")
+    lines += ["", "## Prompts", "", f"Pilot (choosing only): {'; '.join(PILOT_PROMPTS)}", "",
+              f"Evaluation (reporting only): {'; '.join(PROMPTS)}", "", "![effect benchmark](steering_demo.png)", ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Each concept's pilot sweep as curves, and its chosen setting on the evaluation prompts as a
-    star, joined to the same setting's pilot point: how far the choice carried over."""
+    """Per concept: every method on the evaluation prompts (mentions against perplexity), the bar's
+    region shaded; below, the best feature's calibration curve on the pilot, its recommendation starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    ax.axvspan(0.8, FLUENCY_LIMIT, ymin=0.7 / 1.05, color="green", alpha=0.08,
-               label=f"target: >= 70% mention, <= {FLUENCY_LIMIT:g}x perplexity")  # fmt: skip
-    for n, result in enumerate(results):
-        pilot = result["pilot"]
-        families = dict.fromkeys(family(r) for r in pilot[1:])
-        for name, style in zip(families, ("-", ":", "--")):
-            rows = [pilot[0]] + [r for r in pilot[1:] if family(r) == name]
-            ax.plot([times(r, pilot[0]) for r in rows], [r["keyword_rate"] for r in rows], style,
-                    marker="o", markersize=3, linewidth=1, color=f"C{n}", alpha=0.6,
-                    label=f"{result['concept']}: {name} (pilot)")  # fmt: skip
-        chosen, (eval_base, top) = pilot[result["chosen"]], result["evaluation"]
-        x, y = times(top, eval_base), top["keyword_rate"]
-        ax.plot([times(chosen, pilot[0]), x], [chosen["keyword_rate"], y], color=f"C{n}", linewidth=0.8)
-        ax.plot([x], [y], marker="*", markersize=16, color=f"C{n}", markeredgecolor="black", linestyle="none",
-                label=f"{result['concept']}: chosen, on the evaluation prompts")  # fmt: skip
-    ax.set(xscale="log", xlim=(0.8, None), ylim=(0, 1.05), xlabel="median perplexity / unsteered (log)",
-           ylabel="answers mentioning the concept (keywords)")  # fmt: skip
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 2, not 2x10^0
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5) else ""))
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
-    ax.set_title(f"Clamping default-SAE features: settings tried on {len(PILOT_PROMPTS)} pilot prompts (curves),\n"
-                 f"the one chosen there on {len(PROMPTS)} evaluation prompts (stars)")  # fmt: skip
+    fig, axes = plt.subplots(2, len(results), figsize=(4.3 * len(results), 7.5), squeeze=False)
+    styles = {"unsteered": ("o", "grey"), "prompting": ("s", "C1"), "feature, calibrated": ("*", "C2"),
+              "feature, prompt_scale 1": ("o", "C0"), "team": ("^", "C3"), "contrastive vector": ("D", "C4")}  # fmt: skip
+    seen = {}
+    for ax, calib, r in zip(axes[0], axes[1], results):
+        base = r["evaluation"][0]
+        ax.axvspan(0.8, FLUENCY_LIMIT, ymin=BAR_MENTIONS / 1.05, color="green", alpha=0.1, label="the bar")
+        for row in r["evaluation"]:
+            family = "team" if row["method"].startswith("team") else row["method"]
+            marker, colour = styles[family]
+            (seen[family],) = ax.plot([times(row, base)], [row["keyword_rate"]], marker, color=colour, markeredgecolor="black",
+                                      markersize=15 if family == "feature, calibrated" else 8, linestyle="none")  # fmt: skip
+        ax.set(xscale="log", xlim=(0.8, 12), ylim=(0, 1.05), title=r["concept"], xlabel="median perplexity, x unsteered")
+        best = next(c for c in r["calibrated"] if c["index"] == r["best"])
+        for scale in sorted({row["prompt_scale"] for row in best["curve"]}):
+            rows = [row for row in best["curve"] if row["prompt_scale"] == scale]
+            calib.plot([row["perplexity_ratio"] for row in rows], [row["concept"] for row in rows], "o-", label=f"prompt x{scale:g}")
+        top = best["recommendation"]
+        calib.plot([top["perplexity_ratio"]], [top["effect"]], "k*", markersize=14, label="recommended")
+        calib.axvline(BUDGET, color="grey", linestyle=":", label=f"budget {BUDGET:g}x")
+        calib.set(xscale="log", ylim=(0, 1.05), title=f"feature {best['index']}: calibration (pilot)", xlabel="median perplexity, x unsteered")
+        for axis in (ax, calib):
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5) else ""))
+    axes[0][0].set_ylabel(f"answers mentioning it ({len(PROMPTS)} evaluation prompts)")
+    axes[1][0].set_ylabel("concept score")
+    axes[0][-1].legend(list(seen.values()), list(seen), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[1][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -403,7 +501,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def write(results: list[dict], out: Path, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"seconds": round(seconds), "pilot_prompts": PILOT_PROMPTS, "evaluation_prompts": PROMPTS, "results": results}
+    record = {"seconds": round(seconds), "budget": BUDGET, "pilot_prompts": PILOT_PROMPTS, "evaluation_prompts": PROMPTS, "results": results}
     (out / "steering_demo.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "steering_demo.md").write_text(markdown(results, seconds))
     plot(results, out / "steering_demo.png")
@@ -424,12 +522,14 @@ def served(url: str | None, server_args: list[str], log: Path, work: Callable[[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.steering_demo")
-    parser.add_argument("--url", help="a running steerserve with the default SAE (default: start one)")
+    parser.add_argument("--url", help=f"a running steerserve with the default SAE, taking inline vectors at layer {VECTOR_LAYER} (default: start one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="run only the first N concepts")
     args = parser.parse_args()
     started = time.monotonic()
-    results = served(args.url, [], args.out / "logs" / "steering-demo-server.log", lambda url: run(url, Judges(), CONCEPTS[: args.concepts]))
+    server_args = ["--inline-vector-layers", str(VECTOR_LAYER)]
+    log = args.out / "logs" / "steering-demo-server.log"
+    results = served(args.url, server_args, log, lambda url: run(url, Judges(), CONCEPTS[: args.concepts]))
     write(results, args.out, time.monotonic() - started)
     print((args.out / "steering_demo.md").read_text())
 

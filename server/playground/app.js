@@ -2,7 +2,7 @@
 const $ = (selector) => document.querySelector(selector);
 const KEY = "steerserve-key";
 const MODES = { feature: ["add", "clamp", "ablate", "scale"], vector: ["add", "clamp", "ablate", "cap"] };
-const UNITS = { feature: ["max_act", "raw"], vector: ["raw", "norm"] };
+const UNITS = { feature: ["max_act", "raw", "calibrated"], vector: ["raw", "norm"] };
 const state = {
   key: sessionStorage.getItem(KEY),
   models: [], // GET /v1/models cards
@@ -89,12 +89,14 @@ function showResults(features) {
     if (f.explanation) summary.title = f.explanation;
     details.append(summary);
     details.addEventListener("toggle", () => details.open && showCard(details, sae, f.index), { once: true });
-    const add = button("Add", () => addIntervention({ kind: "feature", sae, index: f.index, label: f.label, max_act: f.max_act }));
+    const add = button("Add", () => addIntervention({ kind: "feature", sae, index: f.index, label: f.label, max_act: f.max_act, calibration: f.calibration }));
     add.setAttribute("aria-label", `Add feature ${f.index}`);
     const facts = document.createElement("span");
     facts.className = "facts";
     const similarity = f.similarity !== undefined ? `similarity ${num(f.similarity)} · ` : "";
-    facts.textContent = `${similarity}max ${num(f.max_act)} · density ${num(f.density)}`;
+    // A calibrated feature's effect: what steering it did at its recommended strength.
+    const effect = f.calibration ? ` · calibrated, effect ${num(f.calibration.effect)}` : "";
+    facts.textContent = `${similarity}max ${num(f.max_act)} · density ${num(f.density)}${effect}`;
     item.append(add, details, facts);
     return item;
   }));
@@ -142,7 +144,10 @@ async function showCard(details, sae, index) {
 // ---- steering ----
 function addIntervention(target) {
   const kind = target.kind;
-  state.interventions.push({ ...target, mode: kind === "feature" ? "clamp" : "add", unit: UNITS[kind][0], strength: kind === "feature" ? 2 : 4, tokens: "all" });
+  // A calibrated feature starts at its recommendation (strength 1 in unit "calibrated").
+  const start = target.calibration ? { mode: target.calibration.mode, unit: "calibrated", strength: 1 }
+    : { mode: kind === "feature" ? "clamp" : "add", unit: UNITS[kind][0], strength: kind === "feature" ? 2 : 4 };
+  state.interventions.push({ ...target, ...start, tokens: "all" });
   renderInterventions();
 }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import httpx
 import pytest
 
+from features.calibration import CALIBRATIONS_FILE
 from features.catalogue import CLOSE, Catalogue
 from features.formats import DEFAULT_SAE
 from features.labels import activating_word
@@ -65,6 +67,19 @@ def test_feature_card(server, catalogue):
     assert 0 < len(card["top_contexts"]) <= 20 and all("«" in c["text"] for c in card["top_contexts"])
     assert [c["activation"] for c in card["top_contexts"]] == sorted((c["activation"] for c in card["top_contexts"]), reverse=True)
     assert len(card["promoted_tokens"]) == len(card["suppressed_tokens"]) == 10
+
+
+def test_calibrated_features_carry_their_calibration(server):
+    """The default SAE ships the effect benchmark's calibrations (features/default/calibrations.json):
+    its cards and search results carry each one's recommended setting and effect; others carry none."""
+    kept = json.loads((DEFAULT_SAE / CALIBRATIONS_FILE).read_text())
+    assert kept, "the default SAE ships calibrations"
+    index, calibration = next(iter(kept.items()))
+    assert _get(server, f"/v1/saes/default/features/{index}").json()["calibration"] == calibration
+    uncalibrated = next(i for i in range(100) if str(i) not in kept)
+    assert "calibration" not in _get(server, f"/v1/saes/default/features/{uncalibrated}").json()
+    [listed] = _get(server, "/v1/saes/default/features", limit=1, offset=int(index)).json()["data"]
+    assert listed["index"] == int(index) and listed["calibration"] == calibration
 
 
 def test_search_by_text(server):

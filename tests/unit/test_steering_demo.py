@@ -1,5 +1,5 @@
-"""The steering demo's rule for the setting it evaluates (benchmarks/steering_demo.py): it once
-chose on the prompts it reported on; the rule itself is checked here on made-up pilot rows."""
+"""The effect benchmark's rule for the settings it chooses on the pilot (benchmarks/steering_demo.py):
+an earlier demo chose on the prompts it reported on; the rule itself is checked here on made-up rows."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ def row(keyword_rate: float, median_perplexity: float) -> dict:
     return {"keyword_rate": keyword_rate, "median_perplexity": median_perplexity}
 
 
-def test_the_most_mentions_within_three_times_unsteered_perplexity():
-    pilot = [row(0.0, 4.0), row(0.5, 8.0), row(0.9, 12.5), row(0.7, 12.0), row(0.7, 9.0)]
-    assert choose(pilot) == (4, True)  # 0.9 is past 3 x 4.0; of the two at 0.7, the less perplexing
+def test_the_most_mentions_within_the_budget():
+    pilot = [row(0.0, 4.0), row(0.5, 8.0), row(0.9, 10.5), row(0.7, 10.0), row(0.7, 9.0)]
+    assert choose(pilot, 2.5) == (4, True)  # 0.9 is past 2.5 x 4.0; of the two at 0.7, the less perplexing
+    assert choose(pilot, 3.0) == (2, True)
 
 
 def test_the_unsteered_row_is_never_chosen():

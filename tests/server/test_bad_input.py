@@ -17,7 +17,7 @@ CASES = {
     "index out of range": ({"features": [{**GOOD, "index": 256}]}, 400, "features[0].index", "0 <= index < 256"),
     "negative index": ({"features": [{**GOOD, "index": -1}]}, 400, "index", "greater than or equal to 0"),
     "unknown mode": ({"features": [{**GOOD, "mode": "zap"}]}, 400, "mode", "'add', 'clamp', 'ablate', 'scale' or 'cap'"),
-    "unknown unit": ({"features": [{**GOOD, "unit": "volts"}]}, 400, "unit", "'raw', 'max_act' or 'norm'"),
+    "unknown unit": ({"features": [{**GOOD, "unit": "volts"}]}, 400, "unit", "'raw', 'max_act', 'norm' or 'calibrated'"),
     "nan strength": ({"features": [{**GOOD, "strength": float("nan")}]}, 400, "strength", "finite"),
     "inf strength": ({"features": [{**GOOD, "strength": float("inf")}]}, 400, "strength", "finite"),
     "string strength": ({"features": [{**GOOD, "strength": "strong"}]}, 400, "strength", "number"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -271,10 +272,8 @@ def _respond(
     sae: str, index: int, body: CalibrateRequest, settings: list[Setting], answers: list[list[Answer]], concept: str | None,
     store: Calibrations,
 ) -> dict:
-    unsteered = Measured.of(Setting(0.0), answers[0], 1.0)
-    base = unsteered.perplexity
-    curve = [Measured.of(setting, row, base) for setting, row in zip(settings, answers[1:])]
-    unsteered = Measured.of(Setting(0.0), answers[0], base)
+    unsteered = Measured.of(Setting(0.0), answers[0], statistics.median(a.perplexity for a in answers[0]))
+    curve = [Measured.of(setting, row, unsteered.perplexity) for setting, row in zip(settings, answers[1:])]
     chosen = recommend(curve, body.fluency_budget)
     out = {
         "object": "sae.feature.calibration", "sae": sae, "index": index, "mode": body.mode, "unit": "max_act",

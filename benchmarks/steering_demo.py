@@ -10,7 +10,8 @@ prompts and every reported figure comes from the evaluation prompts, which nothi
   - *feature, calibrated*: the best feature at `{"strength": 1, "unit": "calibrated"}`, the calibration's own choice of strength and `prompt_scale`;
   - *feature, prompt_scale 1*: the same feature at the strongest setting the calibration found within budget with the prompt steered like the answer;
   - *team*: the best TEAM calibrated features together, each at its calibrated strength, their common scale chosen on the pilot;
-  - *contrastive vector*: `POST /v1/vectors/contrast` from chats about the concept against neutral ones, its strength chosen on the pilot;
+  - *vector, calibrated*: `POST /v1/vectors/contrast` from chats about the concept against neutral ones, kept on the
+    server and calibrated through `POST /v1/vectors/{name}/calibrate` on the pilot prompts, at `{"strength": 1, "unit": "calibrated"}`;
   - *prompting*: no steering; a system prompt asks the model to bring the concept up.
 Measures: keyword mentions, an embedding judge (similarity to a description of the concept),
 perplexity under the unsteered model (as a multiple of the unsteered answers'), relevance (answer
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import statistics
 import time
@@ -77,7 +79,6 @@ CANDIDATES = 3
 TEAM = 3
 TEAM_SCALES = (0.5, 0.75, 1.0)  # the team's common scale on its calibrated strengths, chosen on the pilot
 VECTOR_LAYER = 15
-VECTOR_FRACTIONS = (0.3, 0.35, 0.4, 0.45)  # of the stream's norm there (the contrast demo found 0.35-0.4 steering)
 SAE = "default"
 T = TypeVar("T")
 
@@ -275,6 +276,14 @@ def derive(url: str, concept: Concept) -> dict:
     return {k: v for k, v in reply.json().items() if k != "vector"}
 
 
+def calibrate_vector(url: str, concept: Concept) -> dict:
+    """The kept vector `slug(concept)` calibrated on the pilot prompts through the server, and kept there."""
+    body = {"prompts": PILOT_PROMPTS, "concept": concept.description, "fluency_budget": BUDGET, "max_tokens": MAX_TOKENS}
+    reply = httpx.post(f"{url}/v1/vectors/{slug(concept)}/calibrate", json=body, timeout=1800)
+    reply.raise_for_status()
+    return reply.json()
+
+
 def pilot_choice(url: str, concept: Concept, judges: Judges, target: torch.Tensor, base: dict, steerings: list[tuple[str, dict]]) -> tuple[list[dict], int]:
     """Each named steering's pilot answers judged, and the one `choose` takes."""
     rows = [base]
@@ -320,11 +329,12 @@ def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
             pilot["team"] = {"rows": rows, "chosen": chosen}
             methods.append((f"team of {len(team)}", steerings[chosen - 1][1], None))
         derived = derive(url, concept)
-        steerings = [(f"vector x{f:g}", {"features": [{"vector": slug(concept), "layer": VECTOR_LAYER, "strength": f * derived["stream_norm"], "unit": "norm"}]})
-                     for f in VECTOR_FRACTIONS]  # fmt: skip
-        rows, chosen = pilot_choice(url, concept, judges, target, pilot_base, steerings)
-        pilot["vector"] = {"rows": rows, "chosen": chosen, "derived": derived}
-        methods.append(("contrastive vector", steerings[chosen - 1][1], None))
+        vector = {**calibrate_vector(url, concept), "derived": derived}
+        top = vector["recommendation"]
+        print(f"{concept.name}: vector calibrated in {vector['seconds']:.0f} s: "
+              + (f"effect {top['effect']:.2f} at {top['strength'] / derived['stream_norm']:.3g} of the stream norm, prompt x{top['prompt_scale']:g}" if top else "no fluent setting"), flush=True)  # fmt: skip
+        if top is not None:
+            methods.append(("vector, calibrated", {"features": [{"vector": slug(concept), "strength": 1.0, "unit": "calibrated"}]}, None))
 
         base = {"method": "unsteered", **score(concept, judges, unsteered["evaluation"], PROMPTS, target)}
         base["harmonic"] = score(concept, judges, unsteered["evaluation"], PROMPTS, target, base)["harmonic"]
@@ -336,8 +346,8 @@ def run(url: str, judges: Judges, concepts: list[Concept]) -> list[dict]:
             print(f"  {name}: mentions {row['keyword_rate']:.0%}, embedding {row['embedding_rate']:.0%}, "
                   f"ppl {times(row, base):.2f}x, harmonic {row['harmonic']:.2f}{' (meets the bar)' if row['meets_bar'] else ''}", flush=True)  # fmt: skip
             evaluation.append(row)
-        results.append({"concept": concept.name, "screened": screened, "calibrated": calibrated, "best": best["index"], "pilot": pilot,
-                        "evaluation": evaluation, "seconds": round(time.monotonic() - started)})  # fmt: skip
+        results.append({"concept": concept.name, "screened": screened, "calibrated": calibrated, "best": best["index"], "vector": vector,
+                        "pilot": pilot, "evaluation": evaluation, "seconds": round(time.monotonic() - started)})  # fmt: skip
     return results
 
 
@@ -354,14 +364,30 @@ def ratio(row: dict, base: dict) -> str:
     return f"{row['median_perplexity']:.1f} ({times(row, base):.2f}x)"
 
 
-def setting_of(row: dict) -> str:
-    """A calibration row's or recommendation's setting, in words."""
+CALIBRATED = ("feature, calibrated", "vector, calibrated")  # the methods at a strength no one picked by hand
+
+
+def setting_of(row: dict, stream_norm: float | None = None) -> str:
+    """A calibration row's or recommendation's setting, in words; a vector's (with the `stream_norm`
+    its strengths are shares of; a recommendation's strength is the length it adds) as that share."""
     weighted = f", prompt x{row['prompt_scale']:g}" if row["prompt_scale"] != 1 else ""
-    return f"clamp {row['strength']:g}x max_act{weighted}"
+    if stream_norm is None:
+        return f"clamp {row['strength']:g}x max_act{weighted}"
+    share = row["strength"] / stream_norm if row.get("unit") == "norm" else row["strength"]
+    return f"add {share:.3g} of the stream norm{weighted}"
+
+
+def calibrated_rows(r: dict) -> list[tuple[dict, str, str]]:
+    """A concept's evaluation rows at calibrated strengths, each with what was calibrated and its setting."""
+    best = next(c for c in r["calibrated"] if c["index"] == r["best"])
+    about = {"feature, calibrated": (f"feature {r['best']} ({best['label']})", setting_of(best["recommendation"])),
+             "vector, calibrated": (f"contrastive vector, layer {VECTOR_LAYER}", setting_of(r["vector"]["recommendation"], r["vector"]["stream_norm"])
+                                    if r["vector"]["recommendation"] else "")}  # fmt: skip
+    return [(row, *about[row["method"]]) for row in r["evaluation"] if row["method"] in CALIBRATED]
 
 
 def markdown(results: list[dict], seconds: float) -> str:
-    met = [r for r in results if r["evaluation"][2]["meets_bar"]]
+    met = [r for r in results if any(row["meets_bar"] for row, _, _ in calibrated_rows(r))]
     lines = [
         "# Effect benchmark: steering toward a concept, and what it costs",
         "",
@@ -376,11 +402,12 @@ def markdown(results: list[dict], seconds: float) -> str:
         f"`calibrated`, with no strength picked by hand; *feature, prompt_scale 1*: the same feature at the "
         f"calibration's best setting that steers the prompt like the answer; *team*: the best {TEAM} calibrated "
         f"features together, their common scale ({', '.join(f'{s:g}' for s in TEAM_SCALES)}) chosen on the pilot; "
-        f"*contrastive vector*: `POST /v1/vectors/contrast` at layer {VECTOR_LAYER} from {len(TEMPLATES) * 4} chats about "
-        f"the concept against {len(TEMPLATES) * len(NEUTRAL)} neutral ones, added at a fraction "
-        f"({', '.join(f'{f:g}' for f in VECTOR_FRACTIONS)}) of the stream norm chosen on the pilot; *prompting*: no "
-        f"steering, the system prompt \"{system_prompt(CONCEPTS[0])}\". Pilot choices take the most keyword mentions "
-        f"within {BUDGET:g}x the unsteered median perplexity. Judges: keywords; embedding similarity >= "
+        f"*vector, calibrated*: `POST /v1/vectors/contrast` at layer {VECTOR_LAYER} from {len(TEMPLATES) * 4} chats about "
+        f"the concept against {len(TEMPLATES) * len(NEUTRAL)} neutral ones, kept and calibrated through "
+        f"`POST /v1/vectors/{{name}}/calibrate` on the pilot prompts (the same budget and judge; strengths are shares of "
+        f"the stream's norm), then sent at strength 1 in unit `calibrated`; *prompting*: no "
+        f"steering, the system prompt \"{system_prompt(CONCEPTS[0])}\". The team's pilot choice takes the most keyword "
+        f"mentions within {BUDGET:g}x the unsteered median perplexity. Judges: keywords; embedding similarity >= "
         f"{EMBEDDING_THRESHOLD:g} to the concept's description (all-MiniLM-L6-v2); perplexity under the unsteered model "
         f"(transformers, float32); relevance, the answer's similarity to its prompt; *harmonic*, per answer the "
         f"harmonic mean of concept (keyword or embedding), fluency (unsteered median perplexity / its own, at most 1) "
@@ -390,19 +417,20 @@ def markdown(results: list[dict], seconds: float) -> str:
         "",
         f"The bar: at least {BAR_MENTIONS:.0%} of answers mention the concept by keyword and {BAR_EMBEDDING:.0%} by the "
         f"embedding judge, within {FLUENCY_LIMIT:g}x the unsteered median perplexity. **{len(met)} of {len(results)} "
-        f"concepts meet it** with the feature at its calibrated strength.",
+        f"concepts meet it** at a calibrated strength"
+        + (f" ({', '.join(sorted({row['method'] for r in results for row, _, _ in calibrated_rows(r) if row['meets_bar']}))})." if met else "."),
         "",
-        "| concept | feature | calibrated setting | mentions | embedding | median ppl (x unsteered) | relevance | harmonic | meets the bar |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concept | method | steering with | calibrated setting | mentions | embedding | median ppl (x unsteered) | relevance | harmonic | meets the bar |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        base, top = r["evaluation"][0], r["evaluation"][2]
-        best = next(c for c in r["calibrated"] if c["index"] == r["best"])
-        lines.append(
-            f"| {r['concept']} | {r['best']} ({best['label']}) | {setting_of(best['recommendation'])} | {top['keyword_rate']:.0%} "
-            f"| {top['embedding_rate']:.0%} | {ratio(top, base)} | {top['median_relevance'] / base['median_relevance']:.2f} "
-            f"| {top['harmonic']:.2f} | {'yes' if top['meets_bar'] else '**no**'} |"
-        )
+        base = r["evaluation"][0]
+        for top, what, setting in calibrated_rows(r):
+            lines.append(
+                f"| {r['concept']} | {top['method']} | {what} | {setting} | {top['keyword_rate']:.0%} "
+                f"| {top['embedding_rate']:.0%} | {ratio(top, base)} | {top['median_relevance'] / base['median_relevance']:.2f} "
+                f"| {top['harmonic']:.2f} | {'yes' if top['meets_bar'] else '**no**'} |"
+            )
     lines += ["", "## Every method on the evaluation prompts", "",
               "| concept | method | mentions | embedding | median ppl (x unsteered) | relevance (x unsteered) | harmonic | meets the bar |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -423,8 +451,8 @@ def markdown(results: list[dict], seconds: float) -> str:
                        f"steering ({best['method']}), with {prompting['keyword_rate']:.0%} mentions at {times(prompting, r['evaluation'][0]):.2f}x perplexity")  # fmt: skip
         else:
             verdict = f"steering wins: {best['method']} scores {best['harmonic']:.2f} against prompting's {prompting['harmonic']:.2f}"
-        example = r["evaluation"][2]["example"][:160].replace("\n", " ")
-        lines.append(f"- **{r['concept']}**: {verdict}. Calibrated feature, \"{PROMPTS[0]}\": \"{example}\"")
+        examples = "; ".join(f"{row['method']}: \"{row['example'][:160]}\"".replace("\n", " ") for row, _, _ in calibrated_rows(r))
+        lines.append(f"- **{r['concept']}**: {verdict}. To \"{PROMPTS[0]}\", {examples}")
     lines += ["", f"## Features ranked by their effect (calibrated on the {len(PILOT_PROMPTS)} pilot prompts)", "",
               "In screening order; *effect* is the recommended setting's concept score: the share of answers in which the "
               "feature fires before steering and that the embedding judge finds about the concept.", "",
@@ -437,15 +465,23 @@ def markdown(results: list[dict], seconds: float) -> str:
             lines.append(f"| {r['concept']} | {c['index']} | {c['label']} | {' | '.join(rec)} | {c['seconds']:.0f} s | {'**best**' if c['index'] == r['best'] else ''} |")
     lines += ["", "Screened (concept score at the stronger of the two screening settings): "]
     lines += [f"- **{r['concept']}**: " + ", ".join(f"{c['index']} {c['screen']:.2f}" for c in r["screened"]) for r in results]
-    lines += ["", "## The best features' calibration curves (pilot)", "",
-              "| concept | setting | fires, tokens | fires, answers | judged | concept | relevance | ppl (x unsteered) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Calibration curves of the best feature and of the vector (pilot)", "",
+              "*concept*: for a feature, the share of answers where it fires and the judge agrees; for a vector (nothing to "
+              "fire), the judge's share.", "",
+              "| concept | steering with | setting | fires, tokens | fires, answers | judged | concept | relevance | ppl (x unsteered) |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         best = next(c for c in r["calibrated"] if c["index"] == r["best"])
-        for row in best["curve"]:
-            mark = " **(recommended)**" if (row["strength"], row["prompt_scale"]) == (best["recommendation"]["strength"], best["recommendation"]["prompt_scale"]) else ""
-            lines.append(f"| {r['concept']} | {setting_of(row)}{mark} | {row['fired']:.0%} | {row['answers_fired']:.0%} | {row['judged']:.0%} | {row['concept']:.2f} "
-                         f"| {row['relevance']:.2f} | {row['perplexity_ratio']:.2f} |")  # fmt: skip
-    lines += ["", "## Pilot choices: the team's scale and the vector's strength", "",
+        norm = r["vector"]["stream_norm"]
+        for what, cal, stream_norm in ((f"feature {r['best']}", best, None), ("vector", r["vector"], norm)):
+            top = cal["recommendation"]
+            chosen = (top["strength"] / norm if stream_norm else top["strength"], top["prompt_scale"]) if top else None
+            for row in cal["curve"]:
+                mark = " **(recommended)**" if chosen and math.isclose(row["strength"], chosen[0], rel_tol=1e-6) and row["prompt_scale"] == chosen[1] else ""
+                fired = (f"{row['fired']:.0%}", f"{row['answers_fired']:.0%}") if row["fired"] is not None else ("", "")
+                lines.append(f"| {r['concept']} | {what} | {setting_of(row, stream_norm)}{mark} | {' | '.join(fired)} | {row['judged']:.0%} | {row['concept']:.2f} "
+                             f"| {row['relevance']:.2f} | {row['perplexity_ratio']:.2f} |")  # fmt: skip
+    lines += ["", "## Pilot choices: the team's scale", "",
               "| concept | setting | mentions | embedding | median ppl (x unsteered) | chosen |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         for choice in r["pilot"].values():
@@ -459,7 +495,7 @@ def markdown(results: list[dict], seconds: float) -> str:
 
 def plot(results: list[dict], path: Path) -> None:
     """Per concept: every method on the evaluation prompts (mentions against perplexity), the bar's
-    region shaded; below, the best feature's calibration curve on the pilot, its recommendation starred."""
+    region shaded; below, the best feature's and the vector's calibration curves on the pilot, their recommendations starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,7 +504,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(2, len(results), figsize=(4.3 * len(results), 7.5), squeeze=False)
     styles = {"unsteered": ("o", "grey"), "prompting": ("s", "C1"), "feature, calibrated": ("*", "C2"),
-              "feature, prompt_scale 1": ("o", "C0"), "team": ("^", "C3"), "contrastive vector": ("D", "C4")}  # fmt: skip
+              "feature, prompt_scale 1": ("o", "C0"), "team": ("^", "C3"), "vector, calibrated": ("D", "C4")}  # fmt: skip
     seen = {}
     for ax, calib, r in zip(axes[0], axes[1], results):
         base = r["evaluation"][0]
@@ -477,16 +513,17 @@ def plot(results: list[dict], path: Path) -> None:
             family = "team" if row["method"].startswith("team") else row["method"]
             marker, colour = styles[family]
             (seen[family],) = ax.plot([times(row, base)], [row["keyword_rate"]], marker, color=colour, markeredgecolor="black",
-                                      markersize=15 if family == "feature, calibrated" else 8, linestyle="none")  # fmt: skip
+                                      markersize=15 if family in CALIBRATED else 8, linestyle="none")  # fmt: skip
         ax.set(xscale="log", xlim=(0.8, 12), ylim=(0, 1.05), title=r["concept"], xlabel="median perplexity, x unsteered")
         best = next(c for c in r["calibrated"] if c["index"] == r["best"])
-        for scale in sorted({row["prompt_scale"] for row in best["curve"]}):
-            rows = [row for row in best["curve"] if row["prompt_scale"] == scale]
-            calib.plot([row["perplexity_ratio"] for row in rows], [row["concept"] for row in rows], "o-", label=f"prompt x{scale:g}")
-        top = best["recommendation"]
-        calib.plot([top["perplexity_ratio"]], [top["effect"]], "k*", markersize=14, label="recommended")
+        for what, cal, style in ((f"feature {best['index']}", best, "o-"), ("vector", r["vector"], "D--")):
+            for scale in sorted({row["prompt_scale"] for row in cal["curve"]}):
+                rows = [row for row in cal["curve"] if row["prompt_scale"] == scale]
+                calib.plot([row["perplexity_ratio"] for row in rows], [row["concept"] for row in rows], style, label=f"{what}, prompt x{scale:g}")
+            if (top := cal["recommendation"]) is not None:
+                calib.plot([top["perplexity_ratio"]], [top["effect"]], "k*", markersize=14, label="recommended" if cal is best else None)
         calib.axvline(BUDGET, color="grey", linestyle=":", label=f"budget {BUDGET:g}x")
-        calib.set(xscale="log", ylim=(0, 1.05), title=f"feature {best['index']}: calibration (pilot)", xlabel="median perplexity, x unsteered")
+        calib.set(xscale="log", ylim=(0, 1.05), title="calibration (pilot)", xlabel="median perplexity, x unsteered")
         for axis in (ax, calib):
             axis.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             axis.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5) else ""))

@@ -5,7 +5,8 @@ and where recommendations are kept (`calibrations.json` beside the SAE's catalog
 A sweep answers the same prompts unsteered and at each setting (strength x prompt_scale). Per
 setting it measures the concept (on how many of the answer's tokens, and in how many answers, the
 feature itself fires before steering, how often an embedding judge finds the answer about the
-concept, and how many answers show both), fluency (the answers' perplexity under the
+concept, and how many answers show both; a steering vector, with no feature to read, by the judge
+alone), fluency (the answers' perplexity under the
 unsteered model, as a multiple of the unsteered answers') and relevance (how close each answer stays
 to its prompt). The recommendation is the strongest setting within the fluency budget. The
 engine side of the sweep is server/calibrate.py.
@@ -39,7 +40,7 @@ PROMPTS = (
 
 @dataclass(frozen=True)
 class Setting:
-    strength: float  # in multiples of the feature's max activation
+    strength: float  # a feature's in multiples of its max activation; a vector's as a share of the stream's norm
     prompt_scale: float = 1.0
 
 
@@ -50,24 +51,34 @@ DEFAULT_SETTINGS = (
     *(Setting(s) for s in (1.0, 2.0, 3.0, 4.0)),
     *(Setting(s, 4.0) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
 )
+# A vector adds a share of the mean stream norm at its layer, alike on every token or with the
+# prompt read 4x harder (0.4-1.0 of the norm on the prompt). Chosen on the effect benchmark's pilot
+# prompts, where contrastive vectors at layer 15 turned from no effect to broken within 0.3-0.45
+# on every token, and reached the concept at less perplexity with the prompt steered harder.
+VECTOR_SETTINGS = (
+    *(Setting(s) for s in (0.2, 0.25, 0.3, 0.35, 0.4)),
+    *(Setting(s, 4.0) for s in (0.1, 0.125, 0.15, 0.175, 0.2, 0.25)),
+)
 
 
 @dataclass(frozen=True)
 class Answer:
     """One answer, as the sweep measured it."""
 
-    fired: float  # share of its generated tokens where the feature fires, before steering
-    fired_once: bool  # whether it fires on any of them
+    fired: float | None  # share of its generated tokens where the feature fires, before steering (None: a vector's)
+    fired_once: bool | None  # whether it fires on any of them
     similarity: float | None  # embedding similarity to the concept (None: no concept to judge by)
+    relevance: float  # embedding similarity to its prompt
+    perplexity: float  # under the unsteered model
 
     @property
     def shows(self) -> bool:
         """Whether the answer shows the concept: the feature fires in it and, where there is a
         concept to judge by, the judge finds it about the concept (a feature firing on a word
-        that merely looks like its own is not the concept, nor is a judge's lucky guess)."""
-        return self.fired_once and (self.similarity is None or self.similarity >= EMBEDDING_THRESHOLD)
-    relevance: float  # embedding similarity to its prompt
-    perplexity: float  # under the unsteered model
+        that merely looks like its own is not the concept, nor is a judge's lucky guess). A
+        vector has no feature to fire: the judge alone decides."""
+        judged = self.similarity is None or self.similarity >= EMBEDDING_THRESHOLD
+        return judged if self.fired_once is None else self.fired_once and judged
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,8 @@ class Measured:
 
     strength: float
     prompt_scale: float
-    fired: float  # mean share of tokens where the feature fires
-    answers_fired: float  # share of answers where it fires on some token
+    fired: float | None  # mean share of tokens where the feature fires (None: a vector's sweep)
+    answers_fired: float | None  # share of answers where it fires on some token
     judged: float | None  # share of answers the embedding judge finds about the concept
     concept: float  # what the recommendation maximises: the share of answers that show the concept (Answer.shows)
     relevance: float  # median answer-to-prompt similarity
@@ -86,12 +97,13 @@ class Measured:
 
     @classmethod
     def of(cls, setting: Setting, answers: list[Answer], unsteered_perplexity: float) -> Measured:
-        fired = statistics.mean(a.fired for a in answers)
-        once = sum(a.fired_once for a in answers) / len(answers)
+        read = answers[0].fired is not None
+        fired = round(statistics.mean(a.fired for a in answers), 4) if read else None
+        once = round(sum(a.fired_once for a in answers) / len(answers), 4) if read else None
         judged = None if answers[0].similarity is None else sum(a.similarity >= EMBEDDING_THRESHOLD for a in answers) / len(answers)
         perplexity = statistics.median(a.perplexity for a in answers)
         return cls(
-            strength=setting.strength, prompt_scale=setting.prompt_scale, fired=round(fired, 4), answers_fired=round(once, 4),
+            strength=setting.strength, prompt_scale=setting.prompt_scale, fired=fired, answers_fired=once,
             judged=None if judged is None else round(judged, 4),
             concept=round(sum(a.shows for a in answers) / len(answers), 4),
             relevance=round(statistics.median(a.relevance for a in answers), 4),
@@ -120,7 +132,7 @@ def recommend(rows: list[Measured], budget: float) -> int | None:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A feature's recommended setting, and what it measured when chosen."""
+    """A feature's or kept vector's recommended setting, and what it measured when chosen."""
 
     mode: str
     strength: float  # in `unit`

@@ -1,12 +1,14 @@
-"""`POST /v1/saes/{sae}/features/{index}/calibrate`: a feature's steering strength, measured through
-the serving engine (features/calibration.py has the measures and the choice).
+"""`POST /v1/saes/{sae}/features/{index}/calibrate` and `POST /v1/vectors/{name}/calibrate`: a
+feature's or kept vector's steering strength, measured through the serving engine
+(features/calibration.py has the measures and the choice).
 
 Every prompt is answered unsteered and at each setting of the sweep, all sent at once so that the
-engine batches them, each with a readout of the feature (its activation before steering, on every
-generated token). Each answer is then read back by the same engine, unsteered, for its prompt
+engine batches them, a feature's each with a readout of the feature (its activation before
+steering, on every generated token). Each answer is then read back by the same engine, unsteered, for its prompt
 logprobs: its perplexity under the unsteered model, with no second model in memory. The answers
-are embedded to judge them against the concept and against their prompts. The recommendation is
-kept beside the SAE's catalogue, where `unit: "calibrated"` finds it.
+are embedded to judge them against the concept and against their prompts. A feature's
+recommendation is kept beside the SAE's catalogue, a kept vector's with the vector (in this API
+process, as the vector is), where `unit: "calibrated"` finds it.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ from vllm.inputs import TokensPrompt
 from features.calibration import (
     DEFAULT_SETTINGS,
     PROMPTS,
+    VECTOR_SETTINGS,
     Answer,
     Calibration,
-    Calibrations,
     Measured,
     Setting,
     perplexity,
     recommend,
 )
 from features.embedding import embedder
-from features.vectors import saes_only
+from features.vectors import DirectionSAE, saes_only
 from server.auth import caller
 from server.contrast import Message, chat_tokens
 from server.errors import APIError, openai_error
@@ -81,6 +83,15 @@ class CalibrateRequest(BaseModel):
     stream: bool = Field(default=False, description="server-sent progress events, then the result")
 
 
+class VectorCalibrateRequest(CalibrateRequest):
+    mode: Literal["add"] = "add"
+    settings: list[SettingSpec] | None = Field(
+        default=None, min_length=1, max_length=MAX_SETTINGS,
+        description="the sweep, each strength a share of the stream's mean norm at the vector's layer (default: 11)",
+    )  # fmt: skip
+    concept: str = Field(min_length=1, max_length=2000, description="what the embedding judge compares answers with: a vector has no label")
+
+
 @router.post("/v1/saes/{sae_id}/features/{index}/calibrate", response_model=None)
 async def calibrate(
     sae_id: str, index: int, body: CalibrateRequest, raw_request: Request, key: Annotated[KeyPolicy | None, Depends(caller)]
@@ -94,27 +105,92 @@ async def calibrate(
     if sae.calibrations is None:
         message = f"SAE {sae_id!r} has no feature statistics; strengths are calibrated in multiples of max_act (steerserve features build)"
         raise APIError(HTTPStatus.BAD_REQUEST, message, "sae")
+    model = _model(state, body)
+    settings = [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(DEFAULT_SETTINGS)
+    steerings = [
+        SteeringSpec(features=[FeatureIntervention(sae=sae_id, index=index, mode=body.mode, strength=s.strength, unit="max_act")], prompt_scale=s.prompt_scale)
+        for s in settings
+    ]  # fmt: skip
+    plans = [_plan(state, model, key, steering, ReadoutSpec(sae=sae_id, top_k=0, features=[index])) for steering in [None, *steerings]]
+    concept = body.concept or _label(state, sae_id, index)
+
+    def respond(answers: list[list[Answer]]) -> dict:
+        head = {"object": "sae.feature.calibration", "sae": sae_id, "index": index, "mode": body.mode, "unit": "max_act"}
+        out, top = _curve(head, body, settings, answers, concept)
+        if top is not None:
+            calibration = _calibration(body, top, top.strength, "max_act", concept, len(answers[0]))
+            out["recommendation"] = calibration.summary()
+            if body.store:
+                sae.calibrations.put(index, calibration)
+                out["stored"] = True
+        return out
+
+    return await _sweep(raw_request, state, body, plans, index, concept, respond)
+
+
+@router.post("/v1/vectors/{name}/calibrate", response_model=None)
+async def calibrate_vector(
+    name: str, body: VectorCalibrateRequest, raw_request: Request, key: Annotated[KeyPolicy | None, Depends(caller)]
+) -> dict | JSONResponse | StreamingResponse:
+    """A kept vector's calibration: strengths swept as shares of the stream's norm it was derived from."""
+    state: SteeringState = raw_request.app.state.steering
+    kept = state.saved.vectors.get(name)
+    if kept is None:
+        if any(isinstance(sae, DirectionSAE) and name in sae.vectors for sae in state.saes.values()):
+            message = (f"vector {name!r} was loaded from a file, with no stream norm to scale its strengths by; calibrate a vector "
+                       "derived and kept by POST /v1/vectors/contrast (with a name)")  # fmt: skip
+            raise APIError(HTTPStatus.BAD_REQUEST, message, "vector")
+        raise APIError(HTTPStatus.NOT_FOUND, f"no kept vector {name!r}; kept: {sorted(state.saved.vectors)}", "vector", "NotFoundError")
+    if kept.owner != (key.name if key else None):
+        raise APIError(HTTPStatus.FORBIDDEN, f"vector {name!r} was kept by another key; only its keeper calibrates it", "vector", "PermissionDeniedError")
+    model = _model(state, body)
+    settings = [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(VECTOR_SETTINGS)
+    steerings = [
+        SteeringSpec(features=[FeatureIntervention(vector=name, strength=s.strength * kept.stream_norm, unit="norm")], prompt_scale=s.prompt_scale)
+        for s in settings
+    ]  # fmt: skip
+    plans = [_plan(state, model, key, steering, None) for steering in [None, *steerings]]
+
+    def respond(answers: list[list[Answer]]) -> dict:
+        head = {"object": "vector.calibration", "vector": name, "layer": kept.layer, "mode": "add", "unit": "stream_norm", "stream_norm": kept.stream_norm}
+        out, top = _curve(head, body, settings, answers, body.concept)
+        if top is not None:
+            calibration = _calibration(body, top, top.strength * kept.stream_norm, "norm", body.concept, len(answers[0]))
+            out["recommendation"] = calibration.summary()
+            if body.store and state.saved.vectors.get(name) is kept:  # not replaced meanwhile
+                state.saved.calibrate(name, calibration)
+                out["stored"] = True
+        return out
+
+    return await _sweep(raw_request, state, body, plans, None, body.concept, respond)
+
+
+def _model(state: SteeringState, body: CalibrateRequest) -> str:
     model = body.model or next(iter(sorted(state.served_models)))
     if model not in state.served_models:
         raise APIError(HTTPStatus.NOT_FOUND, f"no model {model!r}; served: {sorted(state.served_models)}", "model", "NotFoundError")
-    settings = [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(DEFAULT_SETTINGS)
-    plans = [_plan(state, model, key, sae_id, index, body.mode, setting) for setting in [None, *settings]]
+    return model
+
+
+async def _sweep(
+    raw_request: Request, state: SteeringState, body: CalibrateRequest, plans: list[Plan], index: int | None, concept: str | None,
+    respond: Callable[[list[list[Answer]]], dict],
+) -> dict | JSONResponse | StreamingResponse:  # fmt: skip
+    """Every prompt answered under every plan (the first unsteered), measured, and `respond`'s result."""
     if (refusal := lifecycle(raw_request).refusal()) is not None:
         return refusal
     prompts = body.prompts or list(PROMPTS)
     engine = raw_request.app.state.engine_client
     longest = engine.model_config.max_model_len - body.max_tokens
     ids = await asyncio.to_thread(lambda: [chat_tokens(state, [Message(role="user", content=p)], f"prompts[{n}]", longest) for n, p in enumerate(prompts)])
-    concept = body.concept or _label(state, sae_id, index)
     sweep = Sweep(state, engine, index, body, ids, prompts, concept)
-
     started = time.monotonic()
 
     async def result(progress: Callable[[int, int], None]) -> dict:
         outcome = await lifecycle(raw_request).within_drain(sweep.run(plans, progress))
         if isinstance(outcome, JSONResponse):
             raise _Unavailable(outcome)
-        return {**_respond(sae_id, index, body, settings, outcome, concept, sae.calibrations), "seconds": round(time.monotonic() - started, 1)}
+        return {**respond(outcome), "seconds": round(time.monotonic() - started, 1)}
 
     if not body.stream:
         try:
@@ -155,14 +231,10 @@ async def _events(result: Callable[[Callable[[int, int], None]], Awaitable[dict]
         task.cancel()
 
 
-def _plan(state: SteeringState, model: str, key: KeyPolicy | None, sae: str, index: int, mode: str, setting: Setting | None) -> Plan:
-    """One setting's steering and the feature's readout, checked as a request's would be (400, 403)."""
-    spec = None
-    if setting is not None:
-        feature = FeatureIntervention(sae=sae, index=index, mode=mode, strength=setting.strength, unit="max_act")
-        spec = SteeringSpec(features=[feature], prompt_scale=setting.prompt_scale)
+def _plan(state: SteeringState, model: str, key: KeyPolicy | None, steering: SteeringSpec | None, readout: ReadoutSpec | None) -> Plan:
+    """One setting's steering (and the feature's readout), checked as a request's would be (400, 403)."""
     try:
-        return state.plan(model, spec, key, ReadoutSpec(sae=sae, top_k=0, features=[index]))
+        return state.plan(model, steering, key, readout)
     except SteeringError as exc:
         raise APIError(HTTPStatus.BAD_REQUEST, str(exc), exc.param) from exc
     except PolicyDenied as exc:
@@ -181,7 +253,7 @@ def _label(state: SteeringState, sae: str, index: int) -> str | None:
 class Sweep:
     """The answers of every setting to every prompt, measured."""
 
-    def __init__(self, state: SteeringState, engine, index: int, body: CalibrateRequest, ids: list[list[int]], prompts: list[str], concept: str | None):
+    def __init__(self, state: SteeringState, engine, index: int | None, body: CalibrateRequest, ids: list[list[int]], prompts: list[str], concept: str | None):
         self.state, self.engine, self.index, self.body = state, engine, index, body
         self.ids, self.prompts, self.concept = ids, prompts, concept
         self.limit = asyncio.Semaphore(max(1, min(IN_FLIGHT, state.gate.capacity // 2)))
@@ -189,7 +261,7 @@ class Sweep:
     async def run(self, plans: list[Plan], progress: Callable[[int, int], None]) -> list[list[Answer]]:
         total, done = 2 * len(plans) * len(self.ids), [0]
 
-        async def one(plan: Plan, n: int) -> tuple[list[int], str, float, float]:
+        async def one(plan: Plan, n: int) -> tuple[list[int], str, float | None, float]:
             async with self.limit:
                 tokens, text, fired = await self._answer(plan, n)
                 done[0] += 1
@@ -208,7 +280,7 @@ class Sweep:
         results = [[task.result() for task in row] for row in tasks]
         return await asyncio.to_thread(self._judge, results)
 
-    def _judge(self, results: list[list[tuple[list[int], str, float, float]]]) -> list[list[Answer]]:
+    def _judge(self, results: list[list[tuple[list[int], str, float | None, float]]]) -> list[list[Answer]]:
         texts = [text for row in results for _, text, _, _ in row]
         answers = embedder().embed(texts, max_length=256)
         asked = embedder().embed(self.prompts)
@@ -218,16 +290,18 @@ class Sweep:
             vectors = answers[r * len(row) : (r + 1) * len(row)]
             relevance = (vectors * asked).sum(1)
             similarity = (vectors @ concept).tolist() if concept is not None else [None] * len(row)
-            judged.append([Answer(fired, fired > 0, similarity[n], float(relevance[n]), ppl) for n, (_, _, fired, ppl) in enumerate(row)])
+            judged.append([Answer(fired, None if fired is None else fired > 0, similarity[n], float(relevance[n]), ppl) for n, (_, _, fired, ppl) in enumerate(row)])
         return judged
 
-    async def _answer(self, plan: Plan, n: int) -> tuple[list[int], str, float]:
-        """The prompt's answer under `plan`, and the share of its tokens where the feature fired."""
+    async def _answer(self, plan: Plan, n: int) -> tuple[list[int], str, float | None]:
+        """The prompt's answer under `plan`, and the share of its tokens where the feature fired
+        (None when the plan reads no feature: a vector's sweep)."""
         state = self.state
         await _acquire(state, plan)
-        readout_id, collector = state.readouts.open(plan.readout, (), 1, state.token_text)
+        read = plan.readout is not None
+        readout_id, collector = state.readouts.open(plan.readout, (), 1, state.token_text) if read else (uuid.uuid4().hex, None)
         try:
-            extra = {READOUT_KEY: ReadoutRequest.of(readout_id, state.readouts.address, plan.readout, (), None).model_dump_json()}
+            extra = {READOUT_KEY: ReadoutRequest.of(readout_id, state.readouts.address, plan.readout, (), None).model_dump_json()} if read else {}
             prompt = TokensPrompt(prompt_token_ids=self.ids[n])
             if plan.resolved is not None:
                 extra[CONFIG_KEY] = plan.wire
@@ -236,16 +310,19 @@ class Sweep:
             final = None
             async for final in self.engine.generate(prompt, params, f"calibrate-{readout_id}"):
                 pass
-            if not await collector.until_ended():
+            if read and not await collector.until_ended():
                 raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine did not report the feature's activations; retry", "index", "ServiceUnavailableError")
-            entries = collector.take(0)
+            entries = collector.take(0) if read else []
         finally:
-            state.readouts.close(readout_id)
+            if read:
+                state.readouts.close(readout_id)
             if plan.resolved is not None:
                 state.gate.release(1)
+        output = final.outputs[0]
+        if not read:
+            return list(output.token_ids), output.text, None
         key = str(self.index)
         values = [(e.get("pre_activation") or e["features"])[key] for e in entries]
-        output = final.outputs[0]
         return list(output.token_ids), output.text, sum(v > 0 for v in values) / max(1, len(values))
 
     async def _logprobs(self, prompt: list[int], answer: list[int]) -> list[float]:
@@ -268,28 +345,23 @@ async def _acquire(state: SteeringState, plan: Plan) -> None:
         await asyncio.sleep(0.05)
 
 
-def _respond(
-    sae: str, index: int, body: CalibrateRequest, settings: list[Setting], answers: list[list[Answer]], concept: str | None,
-    store: Calibrations,
-) -> dict:
+def _curve(head: dict, body: CalibrateRequest, settings: list[Setting], answers: list[list[Answer]], concept: str | None) -> tuple[dict, Measured | None]:
+    """The response without its recommendation, and the setting recommended (None: none)."""
     unsteered = Measured.of(Setting(0.0), answers[0], statistics.median(a.perplexity for a in answers[0]))
     curve = [Measured.of(setting, row, unsteered.perplexity) for setting, row in zip(settings, answers[1:])]
     chosen = recommend(curve, body.fluency_budget)
     out = {
-        "object": "sae.feature.calibration", "sae": sae, "index": index, "mode": body.mode, "unit": "max_act",
-        "fluency_budget": body.fluency_budget, "prompts": len(answers[0]), "concept": concept,
+        **head, "fluency_budget": body.fluency_budget, "prompts": len(answers[0]), "concept": concept,
         "unsteered": vars(unsteered), "curve": [vars(row) for row in curve], "recommendation": None, "stored": False,
     }  # fmt: skip
     if chosen is None:
         out["message"] = f"no setting brought the concept within {body.fluency_budget:g}x the unsteered perplexity; try a larger fluency_budget or weaker settings"
-        return out
-    top = curve[chosen]
-    calibration = Calibration(
-        mode=body.mode, strength=top.strength, unit="max_act", prompt_scale=top.prompt_scale, fluency_budget=body.fluency_budget,
-        effect=top.concept, perplexity_ratio=top.perplexity_ratio, prompts=len(answers[0]), concept=concept or "",
+        return out, None
+    return out, curve[chosen]
+
+
+def _calibration(body: CalibrateRequest, top: Measured, strength: float, unit: str, concept: str | None, prompts: int) -> Calibration:
+    return Calibration(
+        mode=body.mode, strength=strength, unit=unit, prompt_scale=top.prompt_scale, fluency_budget=body.fluency_budget,
+        effect=top.concept, perplexity_ratio=top.perplexity_ratio, prompts=prompts, concept=concept or "",
     )  # fmt: skip
-    out["recommendation"] = calibration.summary()
-    if body.store:
-        store.put(index, calibration)
-        out["stored"] = True
-    return out

@@ -105,7 +105,7 @@ async def derive_vector(
     except ValueError as exc:
         raise APIError(HTTPStatus.BAD_REQUEST, str(exc), "method" if body.method == "pca" else "negative") from exc
     if body.name is not None:
-        state.saved.put(body.name, SavedVector(body.layer, derived.vector, key.name if key else None))
+        state.saved.put(body.name, SavedVector(body.layer, derived.vector, derived.stream_norm, key.name if key else None))
     return {
         "object": "vector",
         "id": body.name,

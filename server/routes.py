@@ -174,7 +174,7 @@ async def list_saes(raw_request: Request) -> dict:
 @router.get("/v1/vectors")
 async def list_vectors(raw_request: Request) -> dict:
     """The steering vectors: loaded at start-up, or derived and kept (`"source": "contrast"`);
-    where each has a direction, and its norm there."""
+    where each has a direction, and its norm there; a kept one its calibration, once calibrated."""
     state = steering_state(raw_request)
     layers: dict[str, dict[int, float]] = {}
     for sae in state.saes.values():
@@ -187,6 +187,7 @@ async def list_vectors(raw_request: Request) -> dict:
         "data": [
             {"id": vector, "object": "vector", "owned_by": "steerserve", "source": source, "layers": sorted(norms),
              "norms": {str(k): round(v, 6) for k, v in sorted(norms.items())}}
+            | ({"calibration": calibration.summary()} if source == "contrast" and (calibration := state.saved.vectors[vector].calibration) else {})
             for source, found in (("file", layers), ("contrast", kept)) for vector, norms in sorted(found.items())
         ],
     }  # fmt: skip

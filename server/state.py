@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from prometheus_client import Gauge
 from vllm.platforms import current_platform
 
+from features.calibration import Calibration
 from features.catalogue import Catalogue
 from features.formats import description_dir
 from features.residuals import ResidualReader
@@ -30,9 +32,12 @@ from steering.spec import (
     ResolvedSteering,
     SteeringError,
     SteeringSpec,
+    at_calibration,
+    calibrated_prompt_scale,
     resolve,
     resolve_monitors,
     resolve_readout,
+    vector_calibration,
 )
 from steering.wire import EngineSettings
 
@@ -79,7 +84,9 @@ class SteeringGate:
 class SavedVector:
     layer: int
     vector: torch.Tensor  # [d_in] float32
+    stream_norm: float  # the mean norm of the streams it was derived from: what calibration scales by
     owner: str | None = None  # the key that kept it (None on an open server)
+    calibration: Calibration | None = None  # what `unit: "calibrated"` means for it (POST /v1/vectors/{name}/calibrate)
 
 
 class SavedVectors:
@@ -108,13 +115,22 @@ class SavedVectors:
     def put(self, name: str, saved: SavedVector) -> None:
         self.vectors[name] = saved
 
-    def expand(self, spec: SteeringSpec) -> SteeringSpec:
-        """`spec` with each kept vector it names given as numbers (at its layer unless it gives layers)."""
-        features = [
-            f.model_copy(update={"vector": self.vectors[f.vector].vector.tolist(), "layer": f.layer if f.layer is not None or f.layers else self.vectors[f.vector].layer})
-            if isinstance(f.vector, str) and f.vector in self.vectors else f
-            for f in spec.features
-        ]  # fmt: skip
+    def calibrate(self, name: str, calibration: Calibration) -> None:
+        self.vectors[name] = replace(self.vectors[name], calibration=calibration)
+
+    def expand(self, spec: SteeringSpec, saes: Mapping[str, SAE]) -> SteeringSpec:
+        """`spec` with each kept vector it names given as numbers (at its layer unless it gives
+        layers), one at unit 'calibrated' at its calibrated strength and prompt_scale."""
+        spec = calibrated_prompt_scale(spec, saes, {name: kept.calibration for name, kept in self.vectors.items()})
+        features = []
+        for n, f in enumerate(spec.features):
+            if isinstance(f.vector, str) and f.vector in self.vectors:
+                kept = self.vectors[f.vector]
+                if f.unit == "calibrated":
+                    where = f"steering.features[{n}]"
+                    f = at_calibration(f, vector_calibration(f.vector, kept.calibration, where), where)
+                f = f.model_copy(update={"vector": kept.vector.tolist(), "layer": f.layer if f.layer is not None or f.layers else kept.layer})
+            features.append(f)
         return spec.model_copy(update={"features": features}) if features != spec.features else spec
 
 
@@ -223,7 +239,7 @@ class SteeringState:
             preset = named
         authorize(key, model, preset.name if preset else None, raw_features=bool(spec and spec.features))
         expanded = preset.spec(spec) if preset is not None else spec
-        expanded = self.saved.expand(expanded) if expanded is not None else None
+        expanded = self.saved.expand(expanded, self.saes) if expanded is not None else None
         resolved = resolve(expanded, self.saes, self.settings.limits) if expanded is not None else None
         authorize_steering(key, resolved)
         base = preset.model if preset else model

@@ -302,7 +302,7 @@ def resolve(spec: SteeringSpec, saes: Mapping[str, SAE], limits: SteeringLimits)
         raise SteeringError(
             "steering.features", f"at most {limits.max_features} interventions per request, got {len(spec.features)}"
         )
-    spec = _calibrated_prompt_scale(spec, saes)
+    spec = calibrated_prompt_scale(spec, saes)
     seen: dict[tuple[str, int], int] = {}
     resolved, inline = [], []
     for n, feature in enumerate(spec.features):
@@ -355,7 +355,8 @@ def _targets(feature: FeatureIntervention, where: str, saes: Mapping[str, SAE], 
     if feature.sae is not None or feature.index is not None:
         raise SteeringError(f"{where}.vector", "a vector replaces sae and index: give one or the other")
     if feature.mode == "scale" or feature.unit in ("max_act", "calibrated"):
-        field, what = ("mode", "a vector's modes are add, ablate, clamp and cap") if feature.mode == "scale" else ("unit", "a vector's units are raw and norm")
+        field, what = ("mode", "a vector's modes are add, ablate, clamp and cap") if feature.mode == "scale" else (
+            "unit", "a vector's units are raw and norm, and calibrated for a kept vector once calibrated (POST /v1/vectors/{name}/calibrate)")
         raise SteeringError(f"{where}.{field}", what)
     if feature.layer is not None and feature.layers is not None:
         raise SteeringError(f"{where}.layer", "give layer or layers, not both")
@@ -488,14 +489,18 @@ def _calibration(sae: SAE, index: int, where: str) -> Calibration:
     return calibration
 
 
-def _calibrated_prompt_scale(spec: SteeringSpec, saes: Mapping[str, SAE]) -> SteeringSpec:
-    """The spec with the prompt_scale its calibrated features were calibrated at, unless it sets
-    one itself; features calibrated at different ones need it set."""
+def calibrated_prompt_scale(spec: SteeringSpec, saes: Mapping[str, SAE], vectors: Mapping[str, Calibration | None] | None = None) -> SteeringSpec:
+    """The spec with the prompt_scale its calibrated features (and kept `vectors`, by name) were
+    calibrated at, unless it sets one itself; features calibrated at different ones need it set."""
     if "prompt_scale" in spec.model_fields_set:
         return spec
     found: dict[float, int] = {}
     for n, feature in enumerate(spec.features):
-        if feature.unit == "calibrated" and feature.vector is None and feature.sae in saes and feature.index is not None:
+        if feature.unit != "calibrated":
+            continue
+        if isinstance(feature.vector, str) and vectors is not None and feature.vector in vectors:
+            found.setdefault(vector_calibration(feature.vector, vectors[feature.vector], f"steering.features[{n}]").prompt_scale, n)
+        elif feature.vector is None and feature.sae in saes and feature.index is not None:
             sae = saes[feature.sae]
             if feature.index < sae.cfg.d_sae:
                 found.setdefault(_calibration(sae, feature.index, f"steering.features[{n}]").prompt_scale, n)
@@ -503,6 +508,19 @@ def _calibrated_prompt_scale(spec: SteeringSpec, saes: Mapping[str, SAE]) -> Ste
         listed = ", ".join(f"features[{n}] at {p:g}" for p, n in found.items())
         raise SteeringError("steering.prompt_scale", f"the features were calibrated at different prompt_scales ({listed}): give prompt_scale")
     return spec.model_copy(update={"prompt_scale": next(iter(found))}) if found else spec
+
+
+def vector_calibration(name: str, calibration: Calibration | None, where: str) -> Calibration:
+    if calibration is None:
+        raise SteeringError(f"{where}.unit", f"vector {name!r} is not calibrated: POST /v1/vectors/{name}/calibrate first")
+    return calibration
+
+
+def at_calibration(feature: FeatureIntervention, calibration: Calibration, where: str) -> FeatureIntervention:
+    """A kept vector's intervention at unit 'calibrated' in the calibration's own mode and unit."""
+    if "mode" in feature.model_fields_set and feature.mode != calibration.mode:
+        raise SteeringError(f"{where}.mode", f"vector {feature.vector!r} is calibrated for mode {calibration.mode!r}, not {feature.mode!r}")
+    return feature.model_copy(update={"mode": calibration.mode, "strength": feature.strength * calibration.strength, "unit": calibration.unit})
 
 
 def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:

@@ -1,6 +1,7 @@
-"""`POST /v1/saes/{sae}/features/{index}/calibrate` through the real engine: its measures agree with
-an independent reading of the same answers, its recommendation follows the rule, and a stored
-recommendation is what `unit: "calibrated"` then steers with."""
+"""`POST /v1/saes/{sae}/features/{index}/calibrate` and `POST /v1/vectors/{name}/calibrate` through
+the real engine: the measures agree with an independent reading of the same answers, the
+recommendation follows the rule, and a stored recommendation is what `unit: "calibrated"` then
+steers with."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from features.calibration import Measured, recommend
 from features.formats import load_sae
 from server.cli import main
 from tests.serving import ADMIN, ADMIN_KEY
@@ -130,3 +132,57 @@ def test_streamed_progress_and_the_cli(server, capsys):
     assert f"feature {FEATURE}" in printed and "ppl x" in printed
     assert len([line for line in printed.splitlines() if line.strip().startswith(("1 ", "2 ", "3 ", "4 ", "0.5 ", "0.75 ", "1.25 ", "1.5 "))]) == 10
 
+
+
+def test_a_kept_vector_is_calibrated_in_shares_of_its_stream_norm(server, client, model_name):
+    positive = [[{"role": "user", "content": f"Tell me about {s}."}] for s in ("the Golden Gate Bridge", "San Francisco's bridge", "the bridge in the fog")]
+    negative = [[{"role": "user", "content": f"Tell me about {s}."}] for s in ("a kitchen table", "the alphabet", "filing taxes")]
+    derived = httpx.post(f"{server.url}/v1/vectors/contrast", headers=ADMIN, timeout=600,
+                         json={"positive": positive, "negative": negative, "layer": 15, "name": "calibrate-test"}).json()  # fmt: skip
+    steer = {"features": [{"vector": "calibrate-test", "strength": 1.0, "unit": "calibrated"}]}
+    uncalibrated = httpx.post(f"{server.url}/v1/chat/completions", headers=ADMIN, timeout=60,
+                              json={"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "steering": steer})  # fmt: skip
+    assert uncalibrated.status_code == 400 and uncalibrated.json()["error"]["param"] == "steering.features[0].unit", uncalibrated.text
+
+    settings = [{"strength": 0.1}, {"strength": 0.3}, {"strength": 0.1, "prompt_scale": 4.0}]
+    body = {"prompts": PROMPTS, "settings": settings, "max_tokens": 12, "temperature": 0.0, "concept": "the Golden Gate Bridge", "fluency_budget": 50.0}
+    reply = httpx.post(f"{server.url}/v1/vectors/calibrate-test/calibrate", json=body, headers=ADMIN, timeout=600)
+    assert reply.status_code == 200, reply.text
+    result = reply.json()
+    assert (result["object"], result["unit"], result["mode"], result["layer"]) == ("vector.calibration", "stream_norm", "add", 15)
+    assert result["stream_norm"] == pytest.approx(derived["stream_norm"])
+    curve = result["curve"]
+    assert [(r["strength"], r["prompt_scale"]) for r in curve] == [(0.1, 1.0), (0.3, 1.0), (0.1, 4.0)]
+    for row in curve:  # nothing to fire: the judge alone says what shows the concept
+        assert row["fired"] is None and row["answers_fired"] is None and row["concept"] == row["judged"]
+    assert len({r["perplexity_ratio"] for r in curve}) > 1, "the settings answered alike: the test could not tell them apart"
+    top = result["recommendation"]
+    if top is None:
+        pytest.fail(f"no setting showed the concept to the judge: {curve}")
+    chosen = curve[recommend([Measured(**r) for r in curve], 50.0)]
+    assert (top["strength"], top["prompt_scale"]) == (pytest.approx(chosen["strength"] * result["stream_norm"]), chosen["prompt_scale"])
+    assert (top["unit"], top["effect"], result["stored"]) == ("norm", chosen["concept"], True)
+    listed = httpx.get(f"{server.url}/v1/vectors", headers=ADMIN, timeout=60).json()["data"]
+    assert next(v for v in listed if v["id"] == "calibrate-test")["calibration"] == top
+
+    # Strength 1 in unit calibrated is the recommendation: the same answer as its setting spelled out.
+    def answer(steering: dict) -> str:
+        return client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=0.0, extra_body={"steering": steering}
+        ).choices[0].message.content  # fmt: skip
+
+    spelled = {"features": [{"vector": "calibrate-test", "strength": top["strength"], "unit": "norm"}], "prompt_scale": top["prompt_scale"]}
+    assert answer(steer) == answer(spelled)
+    assert answer(steer) != answer({"features": [{"vector": "calibrate-test", "strength": top["strength"], "unit": "norm"}], "prompt_scale": 0.0})
+
+    for name, extra, status, param in [
+        ("no-such-vector", {}, 404, "vector"),
+        ("calibrate-test", {"concept": None}, 400, "concept"),
+        ("calibrate-test", {"mode": "clamp"}, 400, "mode"),
+    ]:
+        refused = httpx.post(f"{server.url}/v1/vectors/{name}/calibrate", json={**body, **extra}, headers=ADMIN, timeout=60)
+        assert refused.status_code == status, refused.text
+        error = refused.json()["error"]
+        assert param in (error["param"] or "") or param in error["message"], refused.text
+    other = httpx.post(f"{server.url}/v1/vectors/calibrate-test/calibrate", json=body, timeout=60, headers={"Authorization": "Bearer sk-test-capped"})
+    assert other.status_code == 403 and other.json()["error"]["param"] == "vector", other.text

@@ -1,11 +1,13 @@
 """Calibration (features/calibration.py): the measures of a sweep, the setting it recommends, the
-file that keeps it, and `unit: "calibrated"` reading it back (steering/spec.py)."""
+file that keeps it, and `unit: "calibrated"` reading it back (steering/spec.py; a kept vector's,
+server/state.py)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from features.calibration import (
     EMBEDDING_THRESHOLD,
@@ -18,6 +20,7 @@ from features.calibration import (
     recommend,
 )
 from server.presets import Preset
+from server.state import SavedVector, SavedVectors
 from steering.spec import FeatureIntervention, SteeringError, SteeringLimits, SteeringSpec, resolve
 from tests.saes import make_sae
 
@@ -65,8 +68,8 @@ def test_recommend_chooses_between_prompt_scales_by_concept():
     assert recommend(tie, 2.0) == 1, "the less perplexing on a tie"
 
 
-def calibration(strength: float = 1.5, prompt_scale: float = 4.0, mode: str = "clamp") -> Calibration:
-    return Calibration(mode=mode, strength=strength, unit="max_act", prompt_scale=prompt_scale, fluency_budget=2.0,
+def calibration(strength: float = 1.5, prompt_scale: float = 4.0, mode: str = "clamp", unit: str = "max_act") -> Calibration:
+    return Calibration(mode=mode, strength=strength, unit=unit, prompt_scale=prompt_scale, fluency_budget=2.0,
                        effect=0.7, perplexity_ratio=1.8, prompts=12, concept="bridges")  # fmt: skip
 
 
@@ -133,3 +136,31 @@ def test_a_preset_with_calibrated_features_takes_their_prompt_scale_unless_it_se
     assert resolve(Preset(name="p", model="m", features=[feature], prompt_scale=1.0).spec(), {"t": sae}, SteeringLimits()).prompt_scale == 1.0
     request = SteeringSpec(prompt_scale=0.0)
     assert resolve(preset.spec(request), {"t": sae}, SteeringLimits()).prompt_scale == 0.0
+
+
+def test_a_vectors_answers_show_the_concept_by_the_judge_alone():
+    answers = [Answer(None, None, EMBEDDING_THRESHOLD + 0.1, 0.5, 4.0), Answer(None, None, EMBEDDING_THRESHOLD - 0.1, 0.5, 4.0)]
+    row = Measured.of(Setting(0.3), answers, 4.0)
+    assert (row.fired, row.answers_fired, row.judged, row.concept) == (None, None, 0.5, 0.5)
+
+
+def test_a_kept_vector_at_unit_calibrated_is_its_recommendation(sae):
+    kept = SavedVectors()
+    kept.put("v", SavedVector(15, torch.ones(4), stream_norm=100.0))
+    spec = SteeringSpec(features=[FeatureIntervention(vector="v", strength=0.5, unit="calibrated")])
+    with pytest.raises(SteeringError, match="not calibrated") as exc:
+        kept.expand(spec, {"t": sae})
+    assert exc.value.param == "steering.features[0].unit"
+    kept.calibrate("v", calibration(30.0, 4.0, mode="add", unit="norm"))
+    expanded = kept.expand(spec, {"t": sae})
+    f = expanded.features[0]
+    assert (f.mode, f.unit, f.strength, f.layer, f.vector) == ("add", "norm", 15.0, 15, [1.0] * 4)
+    assert expanded.prompt_scale == 4.0, "the calibration's prompt_scale, where the request sets none"
+    assert kept.expand(spec.model_copy(update={"prompt_scale": 1.0}), {"t": sae}).prompt_scale == 1.0
+    with pytest.raises(SteeringError, match="calibrated for mode 'add'") as exc:
+        kept.expand(SteeringSpec(features=[FeatureIntervention(vector="v", mode="clamp", strength=1.0, unit="calibrated")]), {"t": sae})
+    assert exc.value.param == "steering.features[0].mode"
+    with_feature = SteeringSpec(features=[*spec.features, FeatureIntervention(sae="t", index=4, strength=1.0, unit="calibrated")])
+    with pytest.raises(SteeringError, match="different prompt_scales") as exc:  # the vector at 4, feature 4 at 1
+        kept.expand(with_feature, {"t": sae})
+    assert exc.value.param == "steering.prompt_scale"

@@ -516,14 +516,14 @@ def plot(results: list[dict], path: Path) -> None:
                                       markersize=15 if family in CALIBRATED else 8, linestyle="none")  # fmt: skip
         ax.set(xscale="log", xlim=(0.8, 12), ylim=(0, 1.05), title=r["concept"], xlabel="median perplexity, x unsteered")
         best = next(c for c in r["calibrated"] if c["index"] == r["best"])
-        for what, cal, style in ((f"feature {best['index']}", best, "o-"), ("vector", r["vector"], "D--")):
+        for what, cal, style in (("feature", best, "o-"), ("vector", r["vector"], "D--")):
             for scale in sorted({row["prompt_scale"] for row in cal["curve"]}):
                 rows = [row for row in cal["curve"] if row["prompt_scale"] == scale]
                 calib.plot([row["perplexity_ratio"] for row in rows], [row["concept"] for row in rows], style, label=f"{what}, prompt x{scale:g}")
             if (top := cal["recommendation"]) is not None:
                 calib.plot([top["perplexity_ratio"]], [top["effect"]], "k*", markersize=14, label="recommended" if cal is best else None)
         calib.axvline(BUDGET, color="grey", linestyle=":", label=f"budget {BUDGET:g}x")
-        calib.set(xscale="log", ylim=(0, 1.05), title="calibration (pilot)", xlabel="median perplexity, x unsteered")
+        calib.set(xscale="log", ylim=(0, 1.05), title=f"calibration (pilot): feature {best['index']}, vector", xlabel="median perplexity, x unsteered")
         for axis in (ax, calib):
             axis.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             axis.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5) else ""))

@@ -157,7 +157,8 @@ async def calibrate_vector(
         if top is not None:
             calibration = _calibration(body, top, top.strength * kept.stream_norm, "norm", body.concept, len(answers[0]))
             out["recommendation"] = calibration.summary()
-            if body.store and state.saved.vectors.get(name) is kept:  # not replaced meanwhile
+            current = state.saved.vectors.get(name)
+            if body.store and current is not None and current.vector is kept.vector:  # not derived again meanwhile
                 state.saved.calibrate(name, calibration)
                 out["stored"] = True
         return out

@@ -128,6 +128,10 @@ class SavedVectors:
                 kept = self.vectors[f.vector]
                 if f.unit == "calibrated":
                     where = f"steering.features[{n}]"
+                    if (f.layer, f.layers) not in ((None, None), (kept.layer, None), (None, (kept.layer, kept.layer))):
+                        # Its strength was measured where it was derived; elsewhere it would mean another.
+                        raise SteeringError(f"{where}.{'layer' if f.layers is None else 'layers'}",
+                                            f"vector {f.vector!r} is calibrated at layer {kept.layer}; at unit 'calibrated' it steers there only")  # fmt: skip
                     f = at_calibration(f, vector_calibration(f.vector, kept.calibration, where), where)
                 f = f.model_copy(update={"vector": kept.vector.tolist(), "layer": f.layer if f.layer is not None or f.layers else kept.layer})
             features.append(f)

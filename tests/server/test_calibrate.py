@@ -173,7 +173,8 @@ def test_a_kept_vector_is_calibrated_in_shares_of_its_stream_norm(server, client
 
     spelled = {"features": [{"vector": "calibrate-test", "strength": top["strength"], "unit": "norm"}], "prompt_scale": top["prompt_scale"]}
     assert answer(steer) == answer(spelled)
-    assert answer(steer) != answer({"features": [{"vector": "calibrate-test", "strength": top["strength"], "unit": "norm"}], "prompt_scale": 0.0})
+    other = 4.0 if top["prompt_scale"] == 1.0 else 1.0  # what a request would get had the calibration's prompt_scale been ignored
+    assert answer(steer) != answer({**spelled, "prompt_scale": other}), "the calibrated prompt_scale made no difference: the test could not tell"
 
     for name, extra, status, param in [
         ("no-such-vector", {}, 404, "vector"),

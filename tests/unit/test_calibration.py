@@ -157,6 +157,12 @@ def test_a_kept_vector_at_unit_calibrated_is_its_recommendation(sae):
     assert (f.mode, f.unit, f.strength, f.layer, f.vector) == ("add", "norm", 15.0, 15, [1.0] * 4)
     assert expanded.prompt_scale == 4.0, "the calibration's prompt_scale, where the request sets none"
     assert kept.expand(spec.model_copy(update={"prompt_scale": 1.0}), {"t": sae}).prompt_scale == 1.0
+    there = FeatureIntervention(vector="v", strength=0.5, unit="calibrated", layer=15)
+    assert kept.expand(SteeringSpec(features=[there]), {"t": sae}).features[0].strength == 15.0
+    for elsewhere, param in (({"layer": 14}, "layer"), ({"layers": (14, 16)}, "layers")):
+        with pytest.raises(SteeringError, match="calibrated at layer 15") as exc:
+            kept.expand(SteeringSpec(features=[FeatureIntervention(vector="v", strength=0.5, unit="calibrated", **elsewhere)]), {"t": sae})
+        assert exc.value.param == f"steering.features[0].{param}"
     with pytest.raises(SteeringError, match="calibrated for mode 'add'") as exc:
         kept.expand(SteeringSpec(features=[FeatureIntervention(vector="v", mode="clamp", strength=1.0, unit="calibrated")]), {"t": sae})
     assert exc.value.param == "steering.features[0].mode"

@@ -106,7 +106,7 @@ async def calibrate(
         message = f"SAE {sae_id!r} has no feature statistics; strengths are calibrated in multiples of max_act (steerserve features build)"
         raise APIError(HTTPStatus.BAD_REQUEST, message, "sae")
     model = _model(state, body)
-    settings = [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(DEFAULT_SETTINGS)
+    settings = _settings(body, DEFAULT_SETTINGS)
     steerings = [
         SteeringSpec(features=[FeatureIntervention(sae=sae_id, index=index, mode=body.mode, strength=s.strength, unit="max_act")], prompt_scale=s.prompt_scale)
         for s in settings
@@ -114,18 +114,12 @@ async def calibrate(
     plans = [_plan(state, model, key, steering, ReadoutSpec(sae=sae_id, top_k=0, features=[index])) for steering in [None, *steerings]]
     concept = body.concept or _label(state, sae_id, index)
 
-    def respond(answers: list[list[Answer]]) -> dict:
-        head = {"object": "sae.feature.calibration", "sae": sae_id, "index": index, "mode": body.mode, "unit": "max_act"}
-        out, top = _curve(head, body, settings, answers, concept)
-        if top is not None:
-            calibration = _calibration(body, top, top.strength, "max_act", concept, len(answers[0]))
-            out["recommendation"] = calibration.summary()
-            if body.store:
-                sae.calibrations.put(index, calibration)
-                out["stored"] = True
-        return out
+    def keep(calibration: Calibration) -> bool:
+        sae.calibrations.put(index, calibration)
+        return True
 
-    return await _sweep(raw_request, state, body, plans, index, concept, respond)
+    head = {"object": "sae.feature.calibration", "sae": sae_id, "index": index, "mode": body.mode, "unit": "max_act"}
+    return await _sweep(raw_request, state, body, plans, settings, index, concept, head, 1.0, "max_act", keep)
 
 
 @router.post("/v1/vectors/{name}/calibrate", response_model=None)
@@ -144,26 +138,27 @@ async def calibrate_vector(
     if kept.owner != (key.name if key else None):
         raise APIError(HTTPStatus.FORBIDDEN, f"vector {name!r} was kept by another key; only its keeper calibrates it", "vector", "PermissionDeniedError")
     model = _model(state, body)
-    settings = [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(VECTOR_SETTINGS)
+    settings = _settings(body, VECTOR_SETTINGS)
     steerings = [
         SteeringSpec(features=[FeatureIntervention(vector=name, strength=s.strength * kept.stream_norm, unit="norm")], prompt_scale=s.prompt_scale)
         for s in settings
     ]  # fmt: skip
     plans = [_plan(state, model, key, steering, None) for steering in [None, *steerings]]
 
-    def respond(answers: list[list[Answer]]) -> dict:
-        head = {"object": "vector.calibration", "vector": name, "layer": kept.layer, "mode": "add", "unit": "stream_norm", "stream_norm": kept.stream_norm}
-        out, top = _curve(head, body, settings, answers, body.concept)
-        if top is not None:
-            calibration = _calibration(body, top, top.strength * kept.stream_norm, "norm", body.concept, len(answers[0]))
-            out["recommendation"] = calibration.summary()
-            current = state.saved.vectors.get(name)
-            if body.store and current is not None and current.vector is kept.vector:  # not derived again meanwhile
-                state.saved.calibrate(name, calibration)
-                out["stored"] = True
-        return out
+    def keep(calibration: Calibration) -> bool:
+        current = state.saved.vectors.get(name)
+        if current is None or current.vector is not kept.vector:  # derived again meanwhile: the calibration is of another
+            return False
+        state.saved.calibrate(name, calibration)
+        return True
 
-    return await _sweep(raw_request, state, body, plans, None, body.concept, respond)
+    head = {"object": "vector.calibration", "vector": name, "layer": kept.layer, "mode": "add", "unit": "stream_norm", "stream_norm": kept.stream_norm}
+    # The recommendation is kept as the length it adds (unit norm), what a request then steers with.
+    return await _sweep(raw_request, state, body, plans, settings, None, body.concept, head, kept.stream_norm, "norm", keep)
+
+
+def _settings(body: CalibrateRequest, default: tuple[Setting, ...]) -> list[Setting]:
+    return [Setting(s.strength, s.prompt_scale) for s in body.settings] if body.settings else list(default)
 
 
 def _model(state: SteeringState, body: CalibrateRequest) -> str:
@@ -174,10 +169,12 @@ def _model(state: SteeringState, body: CalibrateRequest) -> str:
 
 
 async def _sweep(
-    raw_request: Request, state: SteeringState, body: CalibrateRequest, plans: list[Plan], index: int | None, concept: str | None,
-    respond: Callable[[list[list[Answer]]], dict],
+    raw_request: Request, state: SteeringState, body: CalibrateRequest, plans: list[Plan], settings: list[Setting], index: int | None,
+    concept: str | None, head: dict, length: float, unit: str, keep: Callable[[Calibration], bool],
 ) -> dict | JSONResponse | StreamingResponse:  # fmt: skip
-    """Every prompt answered under every plan (the first unsteered), measured, and `respond`'s result."""
+    """Every prompt answered under every plan (the unsteered one, then one per setting), measured:
+    the response (`head`, then the curve), with the recommendation, its strength x `length` in
+    `unit`, given to `keep` where the body asks to store it (`keep` says whether it did)."""
     if (refusal := lifecycle(raw_request).refusal()) is not None:
         return refusal
     prompts = body.prompts or list(PROMPTS)
@@ -191,7 +188,7 @@ async def _sweep(
         outcome = await lifecycle(raw_request).within_drain(sweep.run(plans, progress))
         if isinstance(outcome, JSONResponse):
             raise _Unavailable(outcome)
-        return {**respond(outcome), "seconds": round(time.monotonic() - started, 1)}
+        return {**_respond(head, body, settings, outcome, concept, length, unit, keep), "seconds": round(time.monotonic() - started, 1)}
 
     if not body.stream:
         try:
@@ -346,8 +343,10 @@ async def _acquire(state: SteeringState, plan: Plan) -> None:
         await asyncio.sleep(0.05)
 
 
-def _curve(head: dict, body: CalibrateRequest, settings: list[Setting], answers: list[list[Answer]], concept: str | None) -> tuple[dict, Measured | None]:
-    """The response without its recommendation, and the setting recommended (None: none)."""
+def _respond(
+    head: dict, body: CalibrateRequest, settings: list[Setting], answers: list[list[Answer]], concept: str | None, length: float, unit: str,
+    keep: Callable[[Calibration], bool],
+) -> dict:  # fmt: skip
     unsteered = Measured.of(Setting(0.0), answers[0], statistics.median(a.perplexity for a in answers[0]))
     curve = [Measured.of(setting, row, unsteered.perplexity) for setting, row in zip(settings, answers[1:])]
     chosen = recommend(curve, body.fluency_budget)
@@ -357,12 +356,12 @@ def _curve(head: dict, body: CalibrateRequest, settings: list[Setting], answers:
     }  # fmt: skip
     if chosen is None:
         out["message"] = f"no setting brought the concept within {body.fluency_budget:g}x the unsteered perplexity; try a larger fluency_budget or weaker settings"
-        return out, None
-    return out, curve[chosen]
-
-
-def _calibration(body: CalibrateRequest, top: Measured, strength: float, unit: str, concept: str | None, prompts: int) -> Calibration:
-    return Calibration(
-        mode=body.mode, strength=strength, unit=unit, prompt_scale=top.prompt_scale, fluency_budget=body.fluency_budget,
-        effect=top.concept, perplexity_ratio=top.perplexity_ratio, prompts=prompts, concept=concept or "",
+        return out
+    top = curve[chosen]
+    calibration = Calibration(
+        mode=body.mode, strength=top.strength * length, unit=unit, prompt_scale=top.prompt_scale, fluency_budget=body.fluency_budget,
+        effect=top.concept, perplexity_ratio=top.perplexity_ratio, prompts=len(answers[0]), concept=concept or "",
     )  # fmt: skip
+    out["recommendation"] = calibration.summary()
+    out["stored"] = body.store and keep(calibration)
+    return out

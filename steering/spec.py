@@ -432,9 +432,7 @@ def _resolve_one(
     unit = feature.unit
     if unit == "calibrated":
         calibration = _calibration(sae, index, where)
-        if "mode" in feature.model_fields_set and feature.mode != calibration.mode:
-            raise SteeringError(f"{where}.mode", f"feature {index} of SAE {sae.id!r} is calibrated for mode {calibration.mode!r}, not {feature.mode!r}")
-        feature = feature.model_copy(update={"mode": calibration.mode})
+        feature = _in_calibrated_mode(feature, calibration, where, f"feature {index} of SAE {sae.id!r}")
         # What caps and the echo read: the calibrated strength in its own unit.
         s, requested, peak, unit = s * calibration.strength, requested * calibration.strength, peak * calibration.strength, calibration.unit
         if abs(peak) > limits.max_strength:
@@ -518,9 +516,15 @@ def vector_calibration(name: str, calibration: Calibration | None, where: str) -
 
 def at_calibration(feature: FeatureIntervention, calibration: Calibration, where: str) -> FeatureIntervention:
     """A kept vector's intervention at unit 'calibrated' in the calibration's own mode and unit."""
+    feature = _in_calibrated_mode(feature, calibration, where, f"vector {feature.vector!r}")
+    return feature.model_copy(update={"strength": feature.strength * calibration.strength, "unit": calibration.unit})
+
+
+def _in_calibrated_mode(feature: FeatureIntervention, calibration: Calibration, where: str, what: str) -> FeatureIntervention:
+    """The intervention in the mode it was calibrated for; naming another is refused."""
     if "mode" in feature.model_fields_set and feature.mode != calibration.mode:
-        raise SteeringError(f"{where}.mode", f"vector {feature.vector!r} is calibrated for mode {calibration.mode!r}, not {feature.mode!r}")
-    return feature.model_copy(update={"mode": calibration.mode, "strength": feature.strength * calibration.strength, "unit": calibration.unit})
+        raise SteeringError(f"{where}.mode", f"{what} is calibrated for mode {calibration.mode!r}, not {feature.mode!r}")
+    return feature.model_copy(update={"mode": calibration.mode})
 
 
 def _resolve_condition(condition: Condition, where: str, steered: SAE, saes: Mapping[str, SAE]) -> ResolvedCondition:
